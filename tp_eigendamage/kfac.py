@@ -1,0 +1,437 @@
+"""Kronecker-factored curvature (K-FAC) statistics for every Conv2d / Linear of a model.
+
+For a layer ``s = W a`` the Fisher block of the per-example loss ``ℓ_n`` is approximated as
+
+    F ≈ A ⊗ S,    A = input_factor,   S = grad_factor       (MATH.md §1)
+
+with this split of the scale (``N`` examples, ``T`` output locations / tokens per example,
+``K`` kernel offsets, ``g = ∂ℓ_n/∂s``):
+
+* ``A`` is the MEAN of ``a aᵀ`` over every sample row: ``E_n[Σ_t a aᵀ] / T``
+  (channel mode: ``E_n[Σ_{t,k} x xᵀ] / (T K)``, padding positions counted as zeros);
+* ``S`` is the per-EXAMPLE sum ``E_n[Σ_t g gᵀ]``.
+
+so ``A ⊗ S`` is the KFC "expand" approximation of ``E_n[∇ℓ_n ∇ℓ_nᵀ]`` and does not depend
+on the batch size. Grouped convolutions get one factor pair per group: ``input_factor`` is
+``(G, d_in, d_in)`` and ``grad_factor`` ``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
+The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_factor` returns
+``[[A, E a], [E aᵀ, 1]]``; ``input_factor`` is the weight block alone (as curvlinops'
+``separate_weight_and_bias=True``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import fisher
+from .layers import FACTOR_MODES, LayerAdapter, adapter_for
+
+
+class KFACError(ValueError):
+    """Bad input to :func:`collect_kfac`; the model is left unchanged."""
+
+
+class StaleStatisticsError(RuntimeError):
+    """Factors no longer describe the module they are keyed by."""
+
+
+def clamped_eigh(matrix: torch.Tensor, rel_tol: float = 1e-10) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``eigh`` of a symmetric PSD factor; eigenvalues below ``rel_tol·λ_max`` → 0."""
+    m = matrix.double()
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    cutoff = rel_tol * evals.amax(dim=-1, keepdim=True).clamp_min(0)
+    return torch.where(evals > cutoff, evals, torch.zeros_like(evals)), evecs
+
+
+@dataclass
+class KFACFactors:
+    """K-FAC factors of one layer (see the module docstring for shapes and scale)."""
+
+    name: str
+    kind: str
+    factor_mode: str
+    weight_shape: torch.Size
+    groups: int
+    input_sum: torch.Tensor
+    input_mean_sum: torch.Tensor
+    grad_sum: torch.Tensor
+    input_count: float = 0.0
+    num_examples: float = 0.0
+    has_bias: bool = False
+    _eigen: Optional[tuple] = field(default=None, repr=False)
+
+    def _ungroup(self, t: torch.Tensor) -> torch.Tensor:
+        return t[0] if self.groups == 1 else t
+
+    @property
+    def input_blocks(self) -> torch.Tensor:
+        """``A`` per group, always ``(G, d_in, d_in)``."""
+        return self.input_sum / self.input_count
+
+    @property
+    def grad_blocks(self) -> torch.Tensor:
+        """``S`` per group, always ``(G, d_out, d_out)``."""
+        return self.grad_sum / self.num_examples
+
+    @property
+    def input_factor(self) -> torch.Tensor:
+        """``A`` = mean of ``a aᵀ`` over all sample rows (float32)."""
+        return self._ungroup(self.input_blocks)
+
+    @property
+    def grad_factor(self) -> torch.Tensor:
+        """``S`` = per-example ``Σ_t g gᵀ``, averaged over examples (float32)."""
+        return self._ungroup(self.grad_blocks)
+
+    @property
+    def input_mean(self) -> torch.Tensor:
+        """``E[a]``, the cross term with the bias' homogeneous coordinate."""
+        return self._ungroup(self.input_mean_sum / self.input_count)
+
+    def homogeneous_input_factor(self) -> torch.Tensor:
+        """``[[A, E a], [E aᵀ, 1]]``: ``A`` for the weight and bias as one matrix ``[W | b]``."""
+        A = self.input_blocks
+        m = (self.input_mean_sum / self.input_count).unsqueeze(-1)
+        one = torch.ones(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
+        top = torch.cat([A, m], dim=-1)
+        bottom = torch.cat([m.transpose(-1, -2), one], dim=-1)
+        return self._ungroup(torch.cat([top, bottom], dim=-2))
+
+    def eigen(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(λ_A, Q_A, λ_S, Q_S)``: float64 eigendecompositions of both factors, cached.
+
+        ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``S = Q_S diag(λ_S) Q_Sᵀ``, eigenvalues ascending,
+        tiny or negative ones clamped to 0. Grouped layers get a leading group dimension.
+        """
+        if self._eigen is None:
+            lam_a, q_a = clamped_eigh(self.input_blocks)
+            lam_s, q_s = clamped_eigh(self.grad_blocks)
+            self._eigen = tuple(self._ungroup(t) for t in (lam_a, q_a, lam_s, q_s))
+        return self._eigen
+
+    def check(self, module: nn.Module) -> None:
+        """Raise :class:`StaleStatisticsError` unless ``module`` still has the shape seen."""
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.shape != self.weight_shape or getattr(module, "groups", 1) != self.groups:
+            got = None if weight is None else tuple(weight.shape)
+            raise StaleStatisticsError(
+                f"K-FAC factors of '{self.name}' were collected for weight shape "
+                f"{tuple(self.weight_shape)} but the module now has {got}; the model changed "
+                "since collect_kfac (e.g. it was pruned). Call collect_kfac again.")
+
+    # -- accumulation -------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._eigen = None
+
+    def _state_tensors(self) -> List[torch.Tensor]:
+        return [self.input_sum, self.input_mean_sum, self.grad_sum]
+
+
+class KFACStats(Mapping):
+    """K-FAC factors keyed by module; ``stats[module]`` is a :class:`KFACFactors`."""
+
+    def __init__(self, factors: Dict[nn.Module, KFACFactors], *, factor_mode: str,
+                 fisher_type: str, num_examples: float):
+        self._factors = factors
+        self.factor_mode = factor_mode
+        self.fisher_type = fisher_type
+        self.num_examples = num_examples
+
+    def __getitem__(self, module: nn.Module) -> KFACFactors:
+        try:
+            factors = self._factors[module]
+        except KeyError:
+            raise KeyError(
+                f"no K-FAC factors for {type(module).__name__} module; it was not covered by "
+                "collect_kfac (not a Conv2d/Linear, not in modules=, or added later)") from None
+        factors.check(module)
+        return factors
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._factors)
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+    def __contains__(self, module) -> bool:
+        return module in self._factors
+
+    def names(self) -> Dict[str, nn.Module]:
+        return {f.name: m for m, f in self._factors.items()}
+
+    def __repr__(self) -> str:
+        return (f"KFACStats({len(self)} layers, factor_mode={self.factor_mode!r}, "
+                f"fisher_type={self.fisher_type!r}, examples={self.num_examples:g})")
+
+
+# -- batches -------------------------------------------------------------------------------
+TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+
+
+def default_batch_fn(batch) -> Tuple[object, object]:
+    """Split a batch into ``(inputs, targets)``.
+
+    * a tensor → ``(batch, None)``;
+    * a tuple/list → ``(batch[0], batch[1])`` (targets ``None`` if there is one element);
+    * a dict → targets from the first of ``targets/target/labels/label/y`` present, inputs =
+      the remaining entries, passed to the model as keyword arguments.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise KFACError("got an empty batch; each batch must hold inputs (and targets)")
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, Mapping):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        inputs = {k: v for k, v in batch.items() if k != key}
+        return inputs, (batch[key] if key is not None else None)
+    raise KFACError(f"cannot split a batch of type {type(batch).__name__} into inputs and "
+                    "targets; pass batch_fn=lambda batch: (inputs, targets)")
+
+
+def default_forward_fn(model: nn.Module, inputs):
+    """``model(**inputs)`` for dicts, ``model(*inputs)`` for tuples, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# -- leaving the model as it was -------------------------------------------------------------
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module):
+    """Eval mode and trainable parameters inside; every mode flag and ``requires_grad`` back after.
+
+    Parameters' ``.grad`` are never touched (gradients are taken with ``torch.autograd.grad``)
+    and BatchNorm statistics do not move in eval mode.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# -- collection -----------------------------------------------------------------------------
+class _LayerCollector:
+    """Forward hook on one layer: records ``Σ a aᵀ`` now and ``Σ g gᵀ`` when ``g`` arrives."""
+
+    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, factor_mode: str):
+        self.name, self.module, self.adapter, self.factor_mode = name, module, adapter, factor_mode
+        self.factors: Optional[KFACFactors] = None
+        self.bad: Optional[str] = None
+
+    def _ensure(self, device) -> KFACFactors:
+        if self.factors is None:
+            a, m = self.adapter, self.module
+            G, d_in, d_out = a.groups(m), a.input_dim(m, self.factor_mode), a.output_dim(m)
+            zeros = lambda *s: torch.zeros(*s, device=device, dtype=torch.float32)  # noqa: E731
+            self.factors = KFACFactors(
+                name=self.name, kind=a.kind, factor_mode=self.factor_mode,
+                weight_shape=m.weight.shape, groups=G, input_sum=zeros(G, d_in, d_in),
+                input_mean_sum=zeros(G, d_in), grad_sum=zeros(G, d_out, d_out),
+                has_bias=getattr(m, "bias", None) is not None)
+        return self.factors
+
+    def forward_hook(self, module, inputs, output):
+        if not torch.is_grad_enabled():
+            return
+        x = inputs[0]
+        f = self._ensure(x.device)
+        xx, xsum, count = self.adapter.input_moments(module, x, output.shape, self.factor_mode)
+        if self.bad is None and not torch.isfinite(xsum).all():
+            self.bad = "input activations"
+        f.input_sum += xx
+        f.input_mean_sum += xsum
+        f.input_count += count
+        if output.requires_grad:
+            output.register_hook(self._grad_hook)
+
+    def _grad_hook(self, grad):
+        gg = self.adapter.grad_moment(self.module, grad)
+        if self.bad is None and not torch.isfinite(gg).all():
+            self.bad = "output gradients"
+        self.factors.grad_sum += gg
+
+
+def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
+    named = [(n, m) for n, m in model.named_modules() if adapter_for(m) is not None]
+    if modules is None:
+        if not named:
+            raise KFACError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer; "
+                            "K-FAC statistics cover only those layer kinds")
+        return named
+    names = {id(m): n for n, m in model.named_modules()}
+    chosen = []
+    for m in modules:
+        if id(m) not in names:
+            raise KFACError(f"modules= contains a {type(m).__name__} that is not a submodule "
+                            "of the model")
+        if adapter_for(m) is None:
+            raise KFACError(f"modules= contains '{names[id(m)]}' ({type(m).__name__}); only "
+                            "nn.Conv2d and nn.Linear layers are supported")
+        chosen.append((names[id(m)], m))
+    if not chosen:
+        raise KFACError("modules= is empty; pass None to cover every Conv2d/Linear layer")
+    return chosen
+
+
+def _all_reduce(factors: List[KFACFactors], num_examples: float, device) -> float:
+    """Sum factor sums and counts over ``torch.distributed`` ranks (global average)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return num_examples
+    counts = torch.tensor([num_examples] + [c for f in factors for c in (f.input_count, f.num_examples)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    for f in factors:
+        for t in f._state_tensors():
+            dist.all_reduce(t)
+    values = counts.tolist()
+    for i, f in enumerate(factors):
+        f.input_count, f.num_examples = values[1 + 2 * i], values[2 + 2 * i]
+    return values[0]
+
+
+def collect_kfac(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    num_batches: Optional[int] = None,
+    fisher_type: str = "true",
+    factor_mode: str = "channel",
+    loss_fn: Optional[Callable] = None,
+    sample_fn: Optional[Callable] = None,
+    modules: Optional[Iterable[nn.Module]] = None,
+    batch_fn: Callable = default_batch_fn,
+    forward_fn: Callable = default_forward_fn,
+    progress: bool = True,
+) -> KFACStats:
+    """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer.
+
+    Args:
+        model: any ``nn.Module``; every ``nn.Conv2d`` / ``nn.Linear`` is covered (or ``modules``).
+        data: an iterable of batches (DataLoader, list of ``(inputs, targets)``, dicts, ...).
+        num_batches: stop after this many batches (default: the whole iterable).
+        fisher_type: ``"true"`` draws labels with ``sample_fn`` (default: from the softmax of
+            the logits); ``"empirical"`` uses the batch targets.
+        factor_mode: ``"channel"`` (conv ``A`` is ``in×in``, pooled over kernel offsets) or
+            ``"patch"`` (KFC: ``A`` over ``in·kh·kw`` patch vectors).
+        loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-example losses (default: cross
+            entropy). Must not average over the batch.
+        sample_fn: ``sample_fn(outputs) -> targets`` for the true Fisher.
+        batch_fn: ``batch -> (inputs, targets)``; see :func:`default_batch_fn`.
+        forward_fn: ``(model, inputs) -> outputs``; see :func:`default_forward_fn`.
+        progress: show a tqdm progress bar.
+
+    The model is evaluated in eval mode and left exactly as found (modes, parameters,
+    buffers, ``.grad``, ``requires_grad``, hooks), also when an error is raised. Under an
+    initialized ``torch.distributed`` group the sums and counts are all-reduced.
+    """
+    if fisher_type not in fisher.FISHER_TYPES:
+        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
+    if factor_mode not in FACTOR_MODES:
+        raise KFACError(f"factor_mode={factor_mode!r}; choose one of {FACTOR_MODES}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise KFACError(f"num_batches={num_batches!r}; pass a positive integer or None")
+    loss_fn = loss_fn or fisher.cross_entropy
+    if sample_fn is None:
+        sample_fn = fisher.sample_categorical
+    elif fisher_type == "empirical":
+        raise KFACError("sample_fn= only applies to fisher_type='true'")
+
+    selected = _select_modules(model, None if modules is None else list(modules))
+    collectors = [_LayerCollector(n, m, adapter_for(m), factor_mode) for n, m in selected]
+    device = _model_device(model)
+    params = [p for p in model.parameters()]
+    handles = []
+    num_examples = 0.0
+    total = len(data) if hasattr(data, "__len__") else None
+    if num_batches is not None:
+        total = num_batches if total is None else min(total, num_batches)
+
+    from tqdm.auto import tqdm
+
+    try:
+        with preserved_model_state(model):
+            for c in collectors:
+                handles.append(c.module.register_forward_hook(c.forward_hook))
+            bar = tqdm(data, total=total, desc="K-FAC statistics", disable=not progress, leave=False)
+            for step, batch in enumerate(bar):
+                if num_batches is not None and step >= num_batches:
+                    break
+                inputs, targets = batch_fn(batch)
+                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                try:
+                    outputs = forward_fn(model, inputs)
+                except Exception as exc:
+                    raise KFACError(
+                        f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
+                        "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
+                if fisher_type == "true":
+                    targets = sample_fn(outputs)
+                elif targets is None:
+                    raise KFACError("fisher_type='empirical' needs targets in every batch; "
+                                    "the batch has none (or use fisher_type='true')")
+                losses = loss_fn(outputs, targets)
+                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1):
+                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                    raise KFACError(
+                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
+                        "use reduction='none' so the factors are scaled per example")
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                num_examples += losses.shape[0]
+                for c in collectors:
+                    if c.factors is not None:
+                        c.factors.num_examples = num_examples
+                    if c.bad is not None:
+                        raise KFACError(
+                            f"non-finite {c.bad} at layer '{c.name}' in batch {step}; check the "
+                            "inputs, the model's weights and the loss (e.g. lower the learning rate)")
+    finally:
+        for h in handles:
+            h.remove()
+
+    if num_examples == 0:
+        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+    missing = [c.name for c in collectors if c.factors is None]
+    if missing and modules is not None:
+        raise KFACError(f"modules= lists layers that never ran in forward: {missing}; "
+                        "remove them or check the forward pass")
+    done = [c for c in collectors if c.factors is not None]
+    for c in done:
+        c.factors.num_examples = num_examples
+    num_examples = _all_reduce([c.factors for c in done], num_examples, device)
+    return KFACStats({c.module: c.factors for c in done}, factor_mode=factor_mode,
+                     fisher_type=fisher_type, num_examples=num_examples)

@@ -1,0 +1,200 @@
+"""Per-layer-kind adapters: the one home of every ``if conv ... elif linear`` branch.
+
+Each adapter knows, for one layer kind, how to turn what flows through the layer into
+K-FAC samples and how to view its weight as a stack of per-group matrices. Everything
+downstream (factor collection, the KFE rewrite, every importance criterion) asks the
+adapter instead of branching on the module type.
+
+Shapes used throughout (``G`` = groups, ``K`` = kernel offsets, 1 for Linear):
+
+* input samples  ``a`` live in ``R^{d_in}``  with ``d_in  = in/G`` (channel mode) or
+  ``in/G * K`` (patch mode);
+* output samples ``g`` live in ``R^{d_out}`` with ``d_out = out/G``;
+* ``weight_blocks(module)`` is a ``(G, d_out, in/G, K)`` view of the weight.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FACTOR_MODES = ("channel", "patch")
+
+
+class LayerAdapter:
+    """Interface shared by the layer kinds K-FAC understands."""
+
+    kind: str = ""
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def kernel_numel(self, module: nn.Module) -> int:
+        return 1
+
+    def in_features(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def out_features(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def input_dim(self, module: nn.Module, factor_mode: str) -> int:
+        """Size of one input sample ``a`` (per group)."""
+        per_group = self.in_features(module) // self.groups(module)
+        return per_group * (self.kernel_numel(module) if factor_mode == "patch" else 1)
+
+    def output_dim(self, module: nn.Module) -> int:
+        return self.out_features(module) // self.groups(module)
+
+    def input_moments(
+        self, module: nn.Module, x: torch.Tensor, output_shape: torch.Size, factor_mode: str
+    ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Return ``(Σ a aᵀ, Σ a, number of samples)`` for one call of the layer.
+
+        Shapes ``(G, d_in, d_in)`` and ``(G, d_in)``; sums in float32.
+        """
+        raise NotImplementedError
+
+    def grad_moment(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        """Return ``Σ g gᵀ`` over every output location of one call, ``(G, d_out, d_out)``."""
+        raise NotImplementedError
+
+    def weight_blocks(self, module: nn.Module) -> torch.Tensor:
+        """The weight as a ``(G, d_out, in/G, K)`` view."""
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on ``(N, D)`` or token inputs ``(N, ..., D)``: every row is a sample."""
+
+    kind = "linear"
+
+    def in_features(self, module: nn.Linear) -> int:
+        return module.in_features
+
+    def out_features(self, module: nn.Linear) -> int:
+        return module.out_features
+
+    def input_moments(self, module, x, output_shape, factor_mode):
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        return (rows.T @ rows).unsqueeze(0), rows.sum(0).unsqueeze(0), rows.shape[0]
+
+    def grad_moment(self, module, g):
+        rows = g.detach().reshape(-1, g.shape[-1]).float()
+        return (rows.T @ rows).unsqueeze(0)
+
+    def weight_blocks(self, module):
+        return module.weight.unsqueeze(0).unsqueeze(-1)
+
+
+def conv_explicit_padding(module: nn.Conv2d, in_hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """Padding of a Conv2d as ``(left, right, top, bottom)``, string padding resolved."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[int, int],
+                  device, dtype=torch.float32) -> torch.Tensor:
+    """How many (output location, kernel offset) pairs read each pixel of the padded input.
+
+    ``Σ_{t,k} x_{t,k} x_{t,k}ᵀ = Σ_p c(p) x_p x_pᵀ`` (MATH.md §1): ``c`` is a transposed
+    convolution of an all-ones output map with an all-ones kernel.
+    """
+    kh, kw = module.kernel_size
+    ones_out = torch.ones(1, 1, *out_hw, device=device, dtype=dtype)
+    ones_kernel = torch.ones(1, 1, kh, kw, device=device, dtype=dtype)
+    cov = F.conv_transpose2d(ones_out, ones_kernel, stride=module.stride, dilation=module.dilation)
+    cov = cov[0, 0, : padded_hw[0], : padded_hw[1]]
+    return F.pad(cov, (0, padded_hw[1] - cov.shape[1], 0, padded_hw[0] - cov.shape[0]))
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` (any stride, padding, dilation, groups); factors per group."""
+
+    kind = "conv2d"
+
+    def __init__(self):
+        self._coverage_cache = {}
+
+    def groups(self, module):
+        return module.groups
+
+    def kernel_numel(self, module):
+        return module.kernel_size[0] * module.kernel_size[1]
+
+    def in_features(self, module):
+        return module.in_channels
+
+    def out_features(self, module):
+        return module.out_channels
+
+    def _padded(self, module, x):
+        """Input with non-zero padding modes applied explicitly, and the pad amounts."""
+        pad = conv_explicit_padding(module, x.shape[-2:])
+        if module.padding_mode != "zeros" and any(pad):
+            return F.pad(x, pad, mode=module.padding_mode), (0, 0, 0, 0)
+        return x, pad
+
+    def _coverage(self, module, x_hw, pad, out_hw, device):
+        key = (id(module), tuple(x_hw), pad, tuple(out_hw), str(device))
+        cov = self._coverage_cache.get(key)
+        if cov is None:
+            padded_hw = (x_hw[0] + pad[2] + pad[3], x_hw[1] + pad[0] + pad[1])
+            cov = conv_coverage(module, padded_hw, out_hw, device)
+            cov = cov[pad[2]: pad[2] + x_hw[0], pad[0]: pad[0] + x_hw[1]]
+            self._coverage_cache[key] = cov
+        return cov
+
+    def input_moments(self, module, x, output_shape, factor_mode):
+        x = x.detach().float()
+        n, G = x.shape[0], module.groups
+        out_hw = tuple(output_shape[-2:])
+        num_locations = n * out_hw[0] * out_hw[1]
+        x, pad = self._padded(module, x)
+        if factor_mode == "channel":
+            cov = self._coverage(module, x.shape[-2:], pad, out_hw, x.device)
+            xg = x.view(n, G, -1, x.shape[-2], x.shape[-1])
+            weighted = xg * cov
+            xx = torch.einsum("ngchw,ngdhw->gcd", weighted, xg)
+            return xx, weighted.sum(dim=(0, 3, 4)), num_locations * self.kernel_numel(module)
+        if any(pad):
+            x = F.pad(x, pad)
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        patches = patches.view(n, G, -1, patches.shape[-1])
+        xx = torch.einsum("ngil,ngjl->gij", patches, patches)
+        return xx, patches.sum(dim=(0, 3)), num_locations
+
+    def grad_moment(self, module, g):
+        g = g.detach().float()
+        gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
+        return torch.einsum("ngct,ngdt->gcd", gg, gg)
+
+    def weight_blocks(self, module):
+        w = module.weight
+        G = module.groups
+        return w.view(G, w.shape[0] // G, w.shape[1], -1)
+
+
+_ADAPTERS = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}
+
+
+def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
+    """A fresh adapter for ``module``'s kind, or ``None`` if K-FAC does not cover it."""
+    for kind in type(module).__mro__:
+        if kind in _ADAPTERS:
+            return _ADAPTERS[kind]()
+    return None
+
+
+def is_supported(module: nn.Module) -> bool:
+    return adapter_for(module) is not None
