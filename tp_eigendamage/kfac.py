@@ -136,8 +136,9 @@ class KFACStats(Mapping):
     """K-FAC factors keyed by module; ``stats[module]`` is a :class:`KFACFactors`."""
 
     def __init__(self, factors: Dict[nn.Module, KFACFactors], *, factor_mode: str,
-                 fisher_type: str, num_examples: float):
+                 fisher_type: str, num_examples: float, model: Optional[nn.Module] = None):
         self._factors = factors
+        self.model = model
         self.factor_mode = factor_mode
         self.fisher_type = fisher_type
         self.num_examples = num_examples
@@ -434,4 +435,4 @@ def collect_kfac(
         c.factors.num_examples = num_examples
     num_examples = _all_reduce([c.factors for c in done], num_examples, device)
     return KFACStats({c.module: c.factors for c in done}, factor_mode=factor_mode,
-                     fisher_type=fisher_type, num_examples=num_examples)
+                     fisher_type=fisher_type, num_examples=num_examples, model=model)
