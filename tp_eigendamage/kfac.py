@@ -215,6 +215,13 @@ def _to_device(obj, device):
     return obj
 
 
+def _batch_size(outputs, default: int) -> int:
+    """Leading size of the (first) output tensor: the number of examples in the batch."""
+    if isinstance(outputs, torch.Tensor) and outputs.dim() > 0:
+        return outputs.shape[0]
+    return default
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -250,7 +257,7 @@ class _LayerCollector:
     def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, factor_mode: str):
         self.name, self.module, self.adapter, self.factor_mode = name, module, adapter, factor_mode
         self.factors: Optional[KFACFactors] = None
-        self.bad: Optional[str] = None
+        self.probes: List[torch.Tensor] = []
 
     def _ensure(self, device) -> KFACFactors:
         if self.factors is None:
@@ -265,24 +272,53 @@ class _LayerCollector:
         return self.factors
 
     def forward_hook(self, module, inputs, output):
+        """Accumulate ``Σ a aᵀ``; return ``output + probe`` with a tensor hook for ``g``.
+
+        ``probe`` is a zero scalar leaf: differentiating the loss w.r.t. the probes alone
+        reaches every layer output without computing any weight gradient. The tensor hook
+        sees the gradient of the value the layer produced, even if a later op (an inplace
+        activation) overwrites that tensor.
+        """
         if not torch.is_grad_enabled():
-            return
+            return None
         x = inputs[0]
         f = self._ensure(x.device)
         xx, xsum, count = self.adapter.input_moments(module, x, output.shape, self.factor_mode)
-        if self.bad is None and not torch.isfinite(xsum).all():
-            self.bad = "input activations"
         f.input_sum += xx
         f.input_mean_sum += xsum
         f.input_count += count
-        if output.requires_grad:
-            output.register_hook(self._grad_hook)
+        probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        self.probes.append(probe)
+        output = output + probe
+        output.register_hook(self._grad_hook)
+        return output
 
     def _grad_hook(self, grad):
-        gg = self.adapter.grad_moment(self.module, grad)
-        if self.bad is None and not torch.isfinite(gg).all():
-            self.bad = "output gradients"
-        self.factors.grad_sum += gg
+        self.factors.grad_sum += self.adapter.grad_moment(self.module, grad)
+
+    def take_probes(self) -> List[torch.Tensor]:
+        probes, self.probes = self.probes, []
+        return probes
+
+    def non_finite(self) -> Optional[str]:
+        """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
+        f = self.factors
+        if f is None:
+            return None
+        if not (torch.isfinite(f.input_sum).all() and torch.isfinite(f.input_mean_sum).all()):
+            return "input activations"
+        if not torch.isfinite(f.grad_sum).all():
+            return "output gradients"
+        return None
+
+
+def _raise_if_non_finite(collectors: List[_LayerCollector], step: int) -> None:
+    for c in collectors:
+        bad = c.non_finite()
+        if bad is not None:
+            raise KFACError(
+                f"non-finite {bad} at layer '{c.name}' in batch {step}; check the inputs, the "
+                "model's weights and the loss (e.g. lower the learning rate)")
 
 
 def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
@@ -375,15 +411,18 @@ def collect_kfac(
     selected = _select_modules(model, None if modules is None else list(modules))
     collectors = [_LayerCollector(n, m, adapter_for(m), factor_mode) for n, m in selected]
     device = _model_device(model)
-    params = [p for p in model.parameters()]
     handles = []
     num_examples = 0.0
-    total = len(data) if hasattr(data, "__len__") else None
+    try:
+        total = len(data)
+    except TypeError:
+        total = None
     if num_batches is not None:
         total = num_batches if total is None else min(total, num_batches)
 
     from tqdm.auto import tqdm
 
+    bar = None
     try:
         with preserved_model_state(model):
             for c in collectors:
@@ -400,29 +439,32 @@ def collect_kfac(
                     raise KFACError(
                         f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
                         "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
+                _raise_if_non_finite(collectors, step)
                 if fisher_type == "true":
                     targets = sample_fn(outputs)
                 elif targets is None:
                     raise KFACError("fisher_type='empirical' needs targets in every batch; "
                                     "the batch has none (or use fisher_type='true')")
                 losses = loss_fn(outputs, targets)
-                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1):
+                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
+                        and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
                     shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                     raise KFACError(
                         f"loss_fn must return one loss per example, shape (N,), got {shape}; "
                         "use reduction='none' so the factors are scaled per example")
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                probes = [p for c in collectors for p in c.take_probes()]
+                if probes and losses.requires_grad:
+                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
+                _raise_if_non_finite(collectors, step)
                 num_examples += losses.shape[0]
                 for c in collectors:
                     if c.factors is not None:
                         c.factors.num_examples = num_examples
-                    if c.bad is not None:
-                        raise KFACError(
-                            f"non-finite {c.bad} at layer '{c.name}' in batch {step}; check the "
-                            "inputs, the model's weights and the loss (e.g. lower the learning rate)")
     finally:
         for h in handles:
             h.remove()
+        if bar is not None:
+            bar.close()
 
     if num_examples == 0:
         raise KFACError("data yielded no batches; pass a non-empty iterable of batches")

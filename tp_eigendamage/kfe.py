@@ -8,31 +8,117 @@ A layer ``y = W x + b`` becomes three plain layers that Torch-Pruning traces as 
 In these coordinates the K-FAC Fisher ``A ⊗ S`` is diagonal with entries ``λ_S,i λ_A,j``, so
 removing a core input channel (eigen-direction j of A) or output channel (direction i of S)
 costs exactly the ``damage_in`` / ``damage_out`` of MATH.md §3.
+
+* :func:`to_kfe` rewrites eligible layers in place; on a model that already holds KFE blocks it
+  re-rotates each block whose core has fresh statistics and merges the new rotations into the
+  existing rotation layers (MATH.md §5), so a block never gets deeper than three stages.
+* :func:`fold_kfe` multiplies a block back into one dense layer ``W' = Q_S' W*' Q_A'ᵀ`` (§4).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .kfac import KFACStats, StaleStatisticsError
+from .layers import adapter_for
 
 
+class KFEError(ValueError):
+    """Bad input to :func:`to_kfe` / :func:`fold_kfe`; the model is left unchanged."""
+
+
+# -- plain layers -----------------------------------------------------------------------------
+_PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """``nn.Conv2d`` / ``nn.Linear`` (or a subclass keeping their forward), so ``y = W ⋆ x + b``.
+
+    Subclasses that change the forward (timm's ``Conv2dSame``, ``StdConv2d``, ...) compute
+    something else than ``W ⋆ x`` and cannot be rotated exactly.
+    """
+    kind = type(module)
+    return (kind.forward in _PLAIN_FORWARDS
+            and getattr(kind, "_conv_forward", nn.Conv2d._conv_forward) is nn.Conv2d._conv_forward)
+
+
+def layer_like(like: nn.Module, in_features: int, out_features: int, *, bias: bool,
+               pointwise: bool = False) -> nn.Module:
+    """A fresh plain layer of ``like``'s kind, device, dtype and ``requires_grad``, weights unset.
+
+    ``pointwise=True`` gives the rotation layer (1×1 conv / linear). Otherwise a conv keeps
+    ``like``'s kernel size, stride, padding (string padding included), dilation and padding mode.
+    """
+    kw = dict(bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+    if isinstance(like, nn.Conv2d):
+        geometry = (dict(kernel_size=1) if pointwise else dict(
+            kernel_size=like.kernel_size, stride=like.stride, padding=like.padding,
+            dilation=like.dilation, padding_mode=like.padding_mode))
+        layer = torch.nn.utils.skip_init(nn.Conv2d, in_features, out_features, **geometry, **kw)
+    else:
+        layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, **kw)
+    layer.requires_grad_(like.weight.requires_grad)
+    return layer
+
+
+def weight_3d(layer: nn.Module) -> torch.Tensor:
+    """The weight of an ungrouped layer as ``(out, in, K)`` float64 (K kernel offsets, 1 for Linear)."""
+    return adapter_for(layer).weight_blocks(layer)[0].detach().double()
+
+
+def _load_weight(layer: nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(value.reshape(layer.weight.shape))
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """A rotation layer's weight as an ``(out, in)`` float64 matrix."""
+    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+
+
+def _rotated(eigen, W, R_in=None, R_out=None):
+    """Rotate ``R_out · W · R_in`` into the eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` of the core.
+
+    Returns ``(Q_Aᵀ R_in, Q_Sᵀ W_k Q_A, R_out Q_S)``; ``R = None`` means the identity. The
+    product of the three is unchanged because ``Q_A`` and ``Q_S`` are orthogonal.
+    """
+    _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
+    core = torch.einsum("so,sik,ij->ojk", q_s, W, q_a)
+    return (q_a.T if R_in is None else q_a.T @ R_in), core, (q_s if R_out is None else R_out @ q_s)
+
+
+def _buffers(eigen, R_in, R_out, like: torch.Tensor):
+    """``(eigen_in, eigen_out, basis_in, basis_out, fisher_diag)`` of a freshly rotated block.
+
+    ``basis_in = R_inᵀ`` and ``basis_out = R_out`` (the current directions), ``fisher_diag =
+    λ_S λ_Aᵀ``; on ``like``'s device and dtype.
+    """
+    lam_a, _, lam_s, _ = eigen
+    return tuple(t.detach().to(like.device, like.dtype).contiguous()
+                 for t in (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a)))
+
+
+# -- the block --------------------------------------------------------------------------------
 class KFEBlock(nn.Module):
     """``rotate_in → core → rotate_out``, built only from ``nn.Conv2d`` / ``nn.Linear``.
 
-    Buffers (fixed when the block is built or re-rotated, never pruned by Torch-Pruning):
+    Buffers (set when the block is built or re-rotated, never pruned by Torch-Pruning):
 
-    * ``basis_in``  ``(in, r_in)``:  the columns of ``Q_A`` (the eigenbasis of A) at build time;
-    * ``basis_out`` ``(out, r_out)``: the columns of ``Q_S``;
+    * ``basis_in``  ``(in, r_in)``:  the input directions, i.e. ``rotate_in``'s rows at build /
+      re-rotation time (the columns of ``Q_A``; after re-rotation the full effective rotation);
+    * ``basis_out`` ``(out, r_out)``: the output directions (``rotate_out``'s columns, ``Q_S``);
     * ``eigen_in``  ``(r_in,)``:  ``λ_A``, eigenvalue of each column of ``basis_in``;
     * ``eigen_out`` ``(r_out,)``: ``λ_S``;
     * ``fisher_diag`` ``(r_out, r_in)``: the Fisher diagonal in the KFE, ``λ_S,i λ_A,j`` or,
-      after eigenvalue correction (EK-FAC), the refit ``E[(Q_Sᵀ G Q_A)_ij²]``.
+      after :func:`tp_eigendamage.ekfac.fit_eigen_correction`, the EK-FAC refit (then
+      ``eigen_corrected`` is True).
 
     Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions) and
     rows of ``core`` / columns of ``rotate_out`` (output directions) without knowing these
-    buffers; :meth:`surviving_directions` recovers which stored directions are still present
-    by projecting the current rotation weights onto the stored bases.
+    buffers; :meth:`surviving_directions` recovers which stored directions are still present.
     """
 
     def __init__(self, rotate_in: nn.Module, core: nn.Module, rotate_out: nn.Module,
@@ -48,6 +134,23 @@ class KFEBlock(nn.Module):
         self.register_buffer("basis_in", basis_in)
         self.register_buffer("basis_out", basis_out)
         self.register_buffer("fisher_diag", fisher_diag)
+        self.eigen_corrected = False
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, eigen) -> "KFEBlock":
+        """The block of a plain ungrouped layer from its factors' ``(λ_A, Q_A, λ_S, Q_S)``."""
+        out_f, in_f = layer.weight.shape[:2]
+        has_bias = getattr(layer, "bias", None) is not None
+        weights = _rotated(eigen, weight_3d(layer))
+        blk = cls(layer_like(layer, in_f, in_f, bias=False, pointwise=True),
+                  layer_like(layer, in_f, out_f, bias=False),
+                  layer_like(layer, out_f, out_f, bias=has_bias, pointwise=True),
+                  *_buffers(eigen, weights[0], weights[2], layer.weight))
+        blk._load(weights)
+        if has_bias:
+            with torch.no_grad():
+                blk.rotate_out.bias.copy_(layer.bias)
+        return blk
 
     def forward(self, x):
         return self.rotate_out(self.core(self.rotate_in(x)))
@@ -61,7 +164,248 @@ class KFEBlock(nn.Module):
         return self.rotate_out.weight.reshape(self.rotate_out.weight.shape[0], -1)
 
     def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Indices into ``eigen_in`` / ``eigen_out`` of the directions the block still has."""
-        in_idx = (self.rotation_in_matrix().detach().double() @ self.basis_in.double()).abs().argmax(dim=1)
-        out_idx = (self.basis_out.double().T @ self.rotation_out_matrix().detach().double()).abs().argmax(dim=0)
+        """Indices into ``eigen_in`` / ``eigen_out`` of the directions the block still has.
+
+        Each current row of ``rotate_in`` (column of ``rotate_out``) is matched to the stored
+        direction with the largest ``|cos|`` — exact after pruning, robust to fine-tuning.
+        """
+        rows = F.normalize(self.rotation_in_matrix().detach().double(), dim=1)
+        cols = F.normalize(self.rotation_out_matrix().detach().double(), dim=0)
+        in_idx = (rows @ F.normalize(self.basis_in.double(), dim=0)).abs().argmax(dim=1)
+        out_idx = (F.normalize(self.basis_out.double(), dim=0).T @ cols).abs().argmax(dim=0)
         return in_idx, out_idx
+
+    def keep_surviving_buffers(self) -> None:
+        """Cut the buffers down to the surviving directions, in the core's channel order."""
+        in_idx, out_idx = self.surviving_directions()
+        self.basis_in, self.eigen_in = self.basis_in[:, in_idx], self.eigen_in[in_idx]
+        self.basis_out, self.eigen_out = self.basis_out[:, out_idx], self.eigen_out[out_idx]
+        self.fisher_diag = self.fisher_diag[out_idx][:, in_idx]
+
+    def rerotation(self, eigen):
+        """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
+
+        ``Q_A,new`` / ``Q_S,new`` diagonalize the core's own factors; they are merged into the
+        rotation layers (``R_in ← Q_A,newᵀ R_in``, ``R_out ← R_out Q_S,new``) and the core
+        becomes ``Q_S,newᵀ W* Q_A,new``: same function, still three stages (MATH.md §5).
+        """
+        return _rotated(eigen, weight_3d(self.core), _matrix(self.rotate_in), _matrix(self.rotate_out))
+
+    def _load(self, weights) -> None:
+        for layer, value in zip((self.rotate_in, self.core, self.rotate_out), weights):
+            _load_weight(layer, value)
+
+    def _set_rotation(self, eigen, *weights) -> None:
+        """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions."""
+        self._load(weights)
+        (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out,
+         self.fisher_diag) = _buffers(eigen, weights[0], weights[2], self.core.weight)
+        self.eigen_corrected = False
+
+    def num_parameters(self) -> int:
+        """Parameters of the three layers (rotations included)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the one dense layer with the block's outer shape (what :meth:`fold` gives)."""
+        out_f, in_f = self.rotation_out_matrix().shape[0], self.rotation_in_matrix().shape[1]
+        bias = 0 if self.rotate_out.bias is None else out_f
+        return out_f * in_f * adapter_for(self.core).kernel_numel(self.core) + bias
+
+    def fold(self) -> nn.Module:
+        """One dense layer with weight ``W'_k = R_out W*_k R_in`` (per kernel offset) and the bias."""
+        R_in, R_out = _matrix(self.rotate_in), _matrix(self.rotate_out)
+        dense = layer_like(self.core, R_in.shape[1], R_out.shape[0], bias=self.rotate_out.bias is not None)
+        _load_weight(dense, torch.einsum("or,rsk,si->oik", R_out, weight_3d(self.core), R_in))
+        if dense.bias is not None:
+            with torch.no_grad():
+                dense.bias.copy_(self.rotate_out.bias)
+        return dense
+
+
+def kfe_blocks(model: nn.Module) -> List[Tuple[str, KFEBlock]]:
+    """Every :class:`KFEBlock` of ``model`` as ``(qualified name, block)``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, KFEBlock)]
+
+
+# -- model surgery -------------------------------------------------------------------------------
+def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """``id(child) → [(parent, attribute)]`` over every place a module is registered."""
+    places: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), []).append((parent, attr))
+    return places
+
+
+def _swap(places, old: nn.Module, new: nn.Module) -> None:
+    for parent, attr in places[id(old)]:
+        setattr(parent, attr, new)
+
+
+def _owners(model: nn.Module) -> Dict[int, KFEBlock]:
+    """``id(module) → KFEBlock`` for every module inside a block (the block's parts)."""
+    return {id(m): blk for _, blk in kfe_blocks(model)
+            for part in (blk.rotate_in, blk.core, blk.rotate_out) for m in part.modules()}
+
+
+def classifier_modules(model: nn.Module) -> List[nn.Module]:
+    """The classifier left out by default.
+
+    ``model.get_classifier()`` when the model has it (timm; tuples, e.g. distilled heads,
+    give several modules), otherwise the LAST ``nn.Conv2d`` / ``nn.Linear`` registered in the
+    model — where torchvision and most hand-written models keep their head.
+    """
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        return [m for m in (head if isinstance(head, (tuple, list)) else [head]) if isinstance(m, nn.Module)]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return layers[-1:]
+
+
+ModuleRef = Union[nn.Module, str]
+
+
+def _resolve(model: nn.Module, ref: ModuleRef, what: str) -> nn.Module:
+    if isinstance(ref, str):
+        try:
+            return model.get_submodule(ref)
+        except AttributeError:
+            raise KFEError(f"{what} names '{ref}', which is not a submodule of the model") from None
+    if not any(ref is m for m in model.modules()):
+        raise KFEError(f"{what} contains a {type(ref).__name__} that is not a submodule of the model")
+    return ref
+
+
+def _skipped(model, skip, include_classifier, owners) -> Dict[int, str]:
+    """``id(module) → why`` for every module (and submodule) the pass must leave alone."""
+    refs = [(m, "skip=") for m in (_resolve(model, r, "skip=") for r in skip)]
+    if not include_classifier:
+        refs += [(m, "the classifier (include_classifier=False)") for m in classifier_modules(model)]
+    out: Dict[int, str] = {}
+    for ref, why in refs:
+        blk = owners.get(id(ref))
+        for m in (blk or ref).modules():
+            out[id(m)] = why
+    return out
+
+
+def _ineligible(module: nn.Module, owners) -> Optional[str]:
+    """Why ``module`` cannot be rewritten / re-rotated, or ``None``."""
+    if not (isinstance(module, (nn.Conv2d, nn.Linear)) and is_plain_layer(module)):
+        return (f"is a {type(module).__name__}; only nn.Conv2d / nn.Linear (or subclasses that "
+                "keep their forward) can be rewritten")
+    if adapter_for(module).groups(module) != 1:
+        return (f"is a grouped conv (groups={module.groups}); grouped and depthwise convs are "
+                "left out of the KFE pass (score them in channel space)")
+    blk = owners.get(id(module))
+    if blk is not None and module is not blk.core:
+        return "is a rotation layer of a KFE block; blocks are re-rotated through their core"
+    return None
+
+
+def _check_stats(model: nn.Module, stats) -> None:
+    if not isinstance(stats, KFACStats):
+        raise KFEError(f"stats must be the KFACStats returned by collect_kfac, got {type(stats).__name__}")
+    if stats.model is not None and stats.model is not model:
+        raise StaleStatisticsError(
+            f"stats were collected on another model ({type(stats.model).__name__} at "
+            f"{id(stats.model):#x}), not on this {type(model).__name__}; run collect_kfac on "
+            "this model")
+
+
+def _targets(model, stats, modules, skipped, owners) -> List[Tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    if modules is None:
+        return [(names[id(m)], m) for m in stats if id(m) in names and id(m) not in skipped
+                and _ineligible(m, owners) is None]
+    chosen = []
+    for ref in modules:
+        m = _resolve(model, ref, "modules=")
+        m = m.core if isinstance(m, KFEBlock) else m
+        name = names[id(m)] or type(model).__name__
+        why = _ineligible(m, owners) or (skipped.get(id(m)) and f"is {skipped[id(m)]}; remove it "
+                                         "from skip= / pass include_classifier=True to rewrite it")
+        if why is None and m not in stats:
+            why = "has no K-FAC factors in stats; run collect_kfac with it covered"
+        if why is not None:
+            raise KFEError(f"modules= contains '{name}', which {why}")
+        chosen.append((name, m))
+    if not chosen:
+        raise KFEError("modules= is empty; pass None to rewrite every eligible layer")
+    return chosen
+
+
+def _eigen(name: str, module: nn.Module, stats):
+    f = stats[module]  # raises StaleStatisticsError on a shape change
+    if f.factor_mode != "channel" and adapter_for(module).kernel_numel(module) > 1:
+        raise KFEError(
+            f"'{name}' has factor_mode={f.factor_mode!r} factors; the KFE rotates conv inputs "
+            "with a 1×1 conv, which needs collect_kfac(..., factor_mode='channel')")
+    return f.eigen()
+
+
+def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[ModuleRef]] = None,
+           skip: Iterable[ModuleRef] = (), include_classifier: bool = False) -> nn.Module:
+    """Rewrite layers into KFE blocks in place (MATH.md §2); re-rotate existing blocks (§5).
+
+    Args:
+        model: the model ``stats`` were collected on.
+        stats: :func:`~tp_eigendamage.collect_kfac` output (conv factors in ``"channel"`` mode).
+        modules: layers (modules or qualified names) to rewrite; a :class:`KFEBlock` or its
+            core means "re-rotate". Default: every eligible layer with factors in ``stats``.
+        skip: layers (modules or names, subtrees included) to leave alone.
+        include_classifier: also rewrite the classifier (see :func:`classifier_modules`).
+
+    Eligible: ungrouped plain ``nn.Conv2d`` / ``nn.Linear`` with factors in ``stats`` and the
+    cores of existing blocks (whose factors, collected on the core, give the re-rotation).
+    Grouped/depthwise convs and the rotation layers of existing blocks are never rewritten.
+    Every new weight is computed before the model is touched, so on error nothing changes.
+    """
+    _check_stats(model, stats)
+    owners = _owners(model)
+    skipped = _skipped(model, list(skip), include_classifier, owners)
+    targets = _targets(model, stats, None if modules is None else list(modules), skipped, owners)
+    if not targets:
+        raise KFEError("nothing to rewrite: no eligible layer (ungrouped Conv2d/Linear, not "
+                       "skipped, not the classifier) has factors in stats; collect_kfac again "
+                       "on the current model")
+    places = _parents(model)
+    plan = []
+    for name, m in targets:
+        eigen = _eigen(name, m, stats)
+        blk = owners.get(id(m))
+        if blk is not None:
+            plan.append((blk, eigen, blk.rerotation(eigen)))
+        elif id(m) not in places:
+            raise KFEError(f"the model itself is a {type(m).__name__}; wrap it in nn.Sequential "
+                           "so the layer can be replaced in place")
+        else:
+            plan.append((m, None, KFEBlock.from_layer(m, eigen)))
+    for target, eigen, new in plan:
+        if eigen is None:
+            _swap(places, target, new)
+        else:
+            target._set_rotation(eigen, *new)
+    return model
+
+
+def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
+    """Replace KFE blocks by one dense layer each, ``W' = Q_S' W*' Q_A'ᵀ`` (MATH.md §4); in place.
+
+    With ``only_unprofitable=True`` only blocks whose three layers hold at least as many
+    parameters as the dense layer are folded (the bottleneck does not pay); ``False`` folds
+    every block. Exact: the dense layer computes the pruned block's function.
+    """
+    blocks = kfe_blocks(model)
+    if any(name == "" for name, _ in blocks):
+        raise KFEError("the model itself is a KFEBlock; call model.fold() instead")
+    chosen = [b for _, b in blocks
+              if not only_unprofitable or b.num_parameters() >= b.dense_num_parameters()]
+    folded = [(b, b.fold()) for b in chosen]
+    places = _parents(model)
+    for blk, dense in folded:
+        _swap(places, blk, dense)
+    return model

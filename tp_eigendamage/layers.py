@@ -88,6 +88,13 @@ class LinearAdapter(LayerAdapter):
     def weight_blocks(self, module):
         return module.weight.unsqueeze(0).unsqueeze(-1)
 
+    # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
+    def per_example_grads(self, module, x, g):
+        """``G_n = Σ_t g_t a_tᵀ`` for each example n (batch-first), ``(N, 1, out, in, 1)``."""
+        a = x.detach().float().reshape(x.shape[0], -1, x.shape[-1])
+        gg = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
+        return torch.einsum("nto,nti->noi", gg, a)[:, None, :, :, None]
+
 
 def conv_explicit_padding(module: nn.Conv2d, in_hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
     """Padding of a Conv2d as ``(left, right, top, bottom)``, string padding resolved."""
@@ -183,6 +190,23 @@ class Conv2dAdapter(LayerAdapter):
         w = module.weight
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)
+
+    # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
+    def per_example_grads(self, module, x, g):
+        """``G_n = Σ_t g_t a_tᵀ`` over output locations t, ``(N, G, out/G, in/G, K)``.
+
+        ``a_t`` is the im2col patch of location t; materializes the unfolded input of the
+        examples passed in (the caller chunks the batch).
+        """
+        x, pad = self._padded(module, x.detach().float())
+        if any(pad):
+            x = F.pad(x, pad)
+        n, G = x.shape[0], module.groups
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        patches = patches.view(n, G, -1, patches.shape[-1])
+        gg = g.detach().float().reshape(n, G, -1, patches.shape[-1])
+        grads = torch.einsum("ngol,ngil->ngoi", gg, patches)
+        return grads.view(n, G, gg.shape[2], module.in_channels // G, self.kernel_numel(module))
 
 
 _ADAPTERS = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}

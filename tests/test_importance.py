@@ -1,0 +1,299 @@
+"""EigenDamage / Kron-OBD / Kron-OBS / C-OBD importances against independent references."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+from scipy.stats import spearmanr
+
+from _importance_nets import (
+    group_reference, groups_of, kron_obd_quad, mean_loss, member_kind, ref_in_channel,
+    ref_out_channel, tiny_setup, trained_digits_net, weight_4d,
+)
+from tp_eigendamage import StaleStatisticsError, collect_kfac
+from tp_eigendamage.diag_fisher import collect_fisher_diag
+from tp_eigendamage.importance import (
+    EigenDamageImportance, FisherDiagImportance, KroneckerOBDImportance, KroneckerOBSImportance,
+)
+from tp_eigendamage.kfe import KFEBlock
+
+EXAMPLE = torch.randn(1, 3, 6, 6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, batches = tiny_setup()
+    stats = collect_kfac(model, batches, progress=False)
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    return model, batches, stats, DG, groups
+
+
+def group_with(DG, groups, layer, kind):
+    """The group in which ``layer`` takes part as a member of ``kind`` ('in'/'out'/'both')."""
+    return next(g for g in groups if any(item.dep.layer is layer and member_kind(DG, item.dep) == kind
+                                         for item in g))
+
+
+def kron_score(stats, quad=kron_obd_quad):
+    def score(layer, use, c):
+        f = stats[layer]
+        ref = ref_in_channel if use == "in" else ref_out_channel
+        return ref(layer, c, f.input_blocks, f.grad_blocks, quad)
+    return score
+
+
+def test_tiny_net_groups_cover_every_layer_kind(tiny):
+    model, _, _, DG, groups = tiny
+    kinds = {(item.dep.layer, member_kind(DG, item.dep)) for g in groups for item in g}
+    assert (model.c2, "out") in kinds and (model.c2, "in") in kinds    # grouped conv, residual add
+    assert (model.dw, "both") in kinds                                 # depthwise
+    assert (model.tok, "in") in kinds and (model.tok, "out") in kinds  # Linear on tokens
+
+
+@pytest.mark.parametrize("side", ["consumer", "producer"])
+def test_kron_obd_matches_explicit_formula(tiny, side):
+    model, _, stats, DG, groups = tiny
+    imp = KroneckerOBDImportance(stats, side=side)
+    for group in groups:
+        ref = group_reference(DG, group, kron_score(stats), side)
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-10)
+
+
+def test_kron_obd_linear_on_tokens_equals_kron_product(tiny):
+    """Removing input column j of the token Linear: ½ vec(δW)ᵀ (A ⊗ S) vec(δW) (column-major vec)."""
+    model, _, stats, DG, groups = tiny
+    group = group_with(DG, groups, model.pw, "out")                    # consumers: tok only
+    f = stats[model.tok]
+    fisher = torch.kron(f.input_factor.double(), f.grad_factor.double())
+    W = model.tok.weight.detach().double()
+    ref = []
+    for j in range(W.shape[1]):
+        delta = torch.zeros_like(W)
+        delta[:, j] = W[:, j]
+        vec = delta.T.reshape(-1)
+        ref.append(0.5 * vec @ fisher @ vec)
+    got = KroneckerOBDImportance(stats, side="consumer")(group)
+    torch.testing.assert_close(got.double(), torch.stack(ref), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["consumer", "producer"])
+def test_kron_obs_matches_explicit_formula(tiny, side):
+    model, _, stats, DG, groups = tiny
+    gamma = 0.05
+
+    def obs_quad(vec, diag_of, metric, index):
+        damped = diag_of + gamma * torch.diagonal(diag_of).mean() * torch.eye(len(diag_of), dtype=diag_of.dtype)
+        return 0.5 * (vec @ metric @ vec).item() / torch.linalg.inv(damped)[index, index].item()
+
+    imp = KroneckerOBSImportance(stats, side=side, damping=gamma)
+    for group in groups:
+        ref = group_reference(DG, group, kron_score(stats, obs_quad), side)
+        torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-10)
+
+
+def test_fisher_diag_matches_per_example_gradients(tiny):
+    model, batches, _, DG, groups = tiny
+    fisher = collect_fisher_diag(model, batches, fisher_type="empirical", progress=False)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ref = {m: torch.zeros_like(m.weight, dtype=torch.float64) for m in layers}
+    n = 0
+    for x, y in batches:
+        for i in range(len(y)):                        # one example at a time: exact per-example grads
+            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            for m, g in zip(layers, torch.autograd.grad(loss, [m.weight for m in layers])):
+                ref[m] += g.double() ** 2
+            n += 1
+    for m in layers:
+        torch.testing.assert_close(fisher[m].reshape(m.weight.shape).double(), ref[m] / n,
+                                   rtol=1e-4, atol=1e-9)
+
+    def score(layer, use, c):
+        w, Fd = weight_4d(layer), (ref[layer] / n).reshape(weight_4d(layer).shape)
+        G = getattr(layer, "groups", 1)
+        if use == "out":
+            return 0.5 * (w[c] ** 2 * Fd[c]).sum().item()
+        d_in, d_out = w.shape[1], w.shape[0] // G
+        rows = slice((c // d_in) * d_out, (c // d_in + 1) * d_out)
+        return 0.5 * (w[rows, c % d_in] ** 2 * Fd[rows, c % d_in]).sum().item()
+
+    for side in ("consumer", "producer"):
+        imp = FisherDiagImportance(fisher, side=side)
+        for group in groups:
+            torch.testing.assert_close(imp(group).double(), group_reference(DG, group, score, side),
+                                       rtol=1e-4, atol=1e-12)
+
+
+# -- EigenDamage on a hand-built KFE block ------------------------------------------------------
+def hand_built_kfe(conv: nn.Conv2d, factors):
+    """The KFE block of MATH.md §2 built in the test: Q_Aᵀ (1×1), W* = Q_Sᵀ W Q_A, Q_S (+bias)."""
+    lam_a, Q_A, lam_s, Q_S = factors.eigen()
+    W = conv.weight.detach().double()
+    W_star = torch.einsum("oi,ojuv,jk->ikuv", Q_S, W, Q_A)
+    rot_in = nn.Conv2d(conv.in_channels, conv.in_channels, 1, bias=False)
+    core = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, bias=False)
+    rot_out = nn.Conv2d(conv.out_channels, conv.out_channels, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        rot_in.weight.copy_(Q_A.T[:, :, None, None])
+        core.weight.copy_(W_star)
+        rot_out.weight.copy_(Q_S[:, :, None, None])
+        if conv.bias is not None:
+            rot_out.bias.copy_(conv.bias)
+    block = KFEBlock(rot_in, core, rot_out, lam_a.float(), lam_s.float(), Q_A.float(), Q_S.float(),
+                     torch.outer(lam_s, lam_a).float())
+    return block, W_star, lam_a, lam_s
+
+
+def test_eigendamage_on_kfe_block_matches_rotated_weights():
+    kfe_model, batches = tiny_setup()
+    stats = collect_kfac(kfe_model, batches, progress=False)
+    DG0, groups0 = groups_of(kfe_model, EXAMPLE, ignored=[kfe_model.head])
+    residual_ref = group_reference(DG0, group_with(DG0, groups0, kfe_model.stem, "out"),
+                                   kron_score(stats), "consumer")
+    c1_out_ref = group_reference(DG0, group_with(DG0, groups0, kfe_model.c1, "out"),
+                                 kron_score(stats), "producer")
+
+    block, W_star, lam_a, lam_s = hand_built_kfe(kfe_model.c1, stats[kfe_model.c1])
+    x = batches[0][0]
+    before = kfe_model(x)
+    kfe_model.c1 = block
+    torch.testing.assert_close(kfe_model(x), before, rtol=1e-4, atol=1e-5)
+
+    DG, groups = groups_of(kfe_model, EXAMPLE, ignored=[kfe_model.head])
+    fisher = torch.outer(lam_s, lam_a)
+    expect_in = 0.5 * (W_star ** 2).sum((2, 3)).mul(fisher).sum(0)     # damage_in(j)
+    expect_out = 0.5 * (W_star ** 2).sum((2, 3)).mul(fisher).sum(1)    # damage_out(i)
+    in_group = group_with(DG, groups, block.core, "in")
+    out_group = group_with(DG, groups, block.core, "out")
+    for side in ("consumer", "producer"):
+        imp = EigenDamageImportance(stats, side=side)
+        torch.testing.assert_close(imp(in_group).double(), expect_in, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(imp(out_group).double(), expect_out, rtol=1e-4, atol=1e-12)
+
+    # outer channels: the block acts as one layer with Q_S W* Q_Aᵀ = W, A = Q_A Λ_A Q_Aᵀ and
+    # S = Q_S Λ_S Q_Sᵀ, so they score as before the rewrite (block as consumer / as producer)
+    stem_group = group_with(DG, groups, kfe_model.stem, "out")
+    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer")(stem_group).double(),
+                               residual_ref, rtol=1e-3, atol=1e-10)
+    outer_out_group = group_with(DG, groups, block.rotate_out, "out")
+    torch.testing.assert_close(EigenDamageImportance(stats)(outer_out_group).double(), c1_out_ref,
+                               rtol=1e-3, atol=1e-10)
+
+    # pruning two directions: scores of the survivors keep their values
+    pruned = tp.DependencyGraph().build_dependency(kfe_model, example_inputs=EXAMPLE)
+    pruned.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()
+    groups = list(pruned.get_all_groups(ignored_layers=[kfe_model.head],
+                                        root_module_types=[nn.Conv2d, nn.Linear]))
+    in_group = group_with(pruned, groups, block.core, "in")
+    keep = [j for j in range(8) if j not in (0, 5)]
+    W_kept = W_star[:, keep]
+    expect_in = 0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher[:, keep]).sum(0)
+    torch.testing.assert_close(EigenDamageImportance(stats)(in_group).double(), expect_in,
+                               rtol=1e-4, atol=1e-12)
+
+
+def test_eigendamage_predicts_measured_loss_of_removing_directions():
+    """Spearman ≥ 0.8 between the predicted damage_in/damage_out of each of the 48
+    eigen-directions of a KFE block and the measured loss increase when its core column/row is
+    zeroed (measured: 0.96).
+
+    Why not ~1: the prediction is second order (after 30 steps the model is not at a minimum),
+    and K-FAC with the true Fisher (sampled labels) only approximates the Hessian. An unrelated
+    score gives |ρ| ≲ 0.3 for 48 points, so 0.8 still separates "tracks the loss" from noise.
+    """
+    torch.manual_seed(0)
+    model, batches = trained_digits_net()
+    stats = collect_kfac(model, batches, progress=False)
+    model.c3, _, _, _ = hand_built_kfe(model.c3, stats[model.c3])
+    block = model.c3
+    base = mean_loss(model, batches)
+    DG, groups = groups_of(model, torch.randn(1, 1, 8, 8), ignored=[model.fc])
+    imp = EigenDamageImportance(stats)
+    predicted, measured = [], []
+    for kind, dim in (("in", 1), ("out", 0)):
+        group = group_with(DG, groups, block.core, kind)
+        predicted += imp(group).tolist()
+        for j in range(block.core.weight.shape[dim]):
+            saved = block.core.weight.detach().clone()
+            with torch.no_grad():
+                block.core.weight.select(dim, j).zero_()
+            measured.append(mean_loss(model, batches) - base)
+            with torch.no_grad():
+                block.core.weight.copy_(saved)
+    rho = spearmanr(predicted, measured).correlation
+    assert rho >= 0.8, f"Spearman {rho:.3f} over {len(measured)} directions"
+
+
+# -- statistics: staleness and re-collection ------------------------------------------------------
+def test_stale_plain_stats_raise_and_callable_stats_refresh():
+    model, batches = tiny_setup()
+    collect = lambda: collect_kfac(model, batches, fisher_type="empirical", progress=False)  # noqa: E731
+    stats = collect()
+    calls = []
+
+    def fresh():
+        calls.append(1)
+        return collect()
+
+    plain, lazy = KroneckerOBDImportance(stats), KroneckerOBDImportance(fresh)
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    lazy(groups[0])
+    assert len(calls) == 1
+    DG.get_pruning_group(model.c1, tp.prune_conv_out_channels, [1, 5]).prune()  # one per group of c2
+    groups = list(DG.get_all_groups(ignored_layers=[model.head], root_module_types=[nn.Conv2d, nn.Linear]))
+    group = group_with(DG, groups, model.c1, "out")
+    with pytest.raises(StaleStatisticsError, match="callable"):
+        plain(group)
+    got = lazy(group)
+    assert len(calls) == 2
+    new_stats = collect()
+    torch.testing.assert_close(got.double(), group_reference(DG, group, kron_score(new_stats), "producer"),
+                               rtol=1e-4, atol=1e-10)
+
+
+def test_bad_arguments():
+    model, batches = tiny_setup()
+    stats = collect_kfac(model, batches, progress=False)
+    with pytest.raises(ValueError, match="side"):
+        KroneckerOBDImportance(stats, side="both")
+    with pytest.raises(ValueError, match="side"):
+        EigenDamageImportance(stats, side="input")
+    with pytest.raises(ValueError, match="normalizer"):
+        EigenDamageImportance(stats, normalizer="zscore")
+    with pytest.raises(ValueError, match="damping"):
+        KroneckerOBSImportance(stats, damping=-1.0)
+    with pytest.raises(TypeError, match="callable"):
+        KroneckerOBDImportance(42)
+    patch = collect_kfac(model, batches, factor_mode="patch", progress=False)
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    with pytest.raises(ValueError, match="factor_mode='channel'"):
+        KroneckerOBDImportance(patch)(groups[0])
+
+
+# -- end to end with Torch-Pruning ------------------------------------------------------------------
+@pytest.mark.parametrize("criterion", [EigenDamageImportance, KroneckerOBDImportance])
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_base_pruner_resnet18(criterion, global_pruning):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False).eval()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    example = torch.randn(2, 3, 32, 32)
+    calls = []
+
+    def fresh():
+        calls.append(1)
+        return collect_kfac(model, data, progress=False)
+
+    params0 = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.BasePruner(model, example, importance=criterion(fresh), pruning_ratio=0.4,
+                                  global_pruning=global_pruning, iterative_steps=2, round_to=8,
+                                  ignored_layers=[model.get_classifier()])
+    for _ in range(2):
+        pruner.step()
+    out = model(example)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * params0
+    assert len(calls) == 2                                   # re-collected after the first step
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))

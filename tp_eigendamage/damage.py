@@ -1,0 +1,158 @@
+"""Second-order damage of removing channels, in loss units (MATH.md §3, §6).
+
+Tensor math, no Torch-Pruning. Every function takes a layer's weight as the
+``(G, d_out, d_in, K)`` block view of :meth:`LayerAdapter.weight_blocks` (``G`` groups,
+``K`` kernel offsets) and per-group channel-mode K-FAC factors ``A`` ``(G, d_in, d_in)`` and
+``S`` ``(G, d_out, d_out)``. Results are per channel in the layer's own channel order:
+input channel ``c = g·d_in + j``, output channel ``c = g·d_out + i`` (Torch-Pruning's order).
+Computed in float64. :func:`obs_damage` / :func:`obs_compensation` apply the Kron-OBS
+formulas to a layer and its ``stats[layer]``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+#: Default OBS damping γ: the inverse is taken of ``A + γ·mean(diag A)·I``.
+OBS_DAMPING = 1e-2
+
+
+def _f64(*tensors):
+    return tuple(t.detach().double() for t in tensors)
+
+
+def kron_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Kron-OBD, input channel j: ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``, shape ``(G·d_in,)``."""
+    w, A, S = _f64(w, A, S)
+    quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
+    return (0.5 * torch.diagonal(A, dim1=-2, dim2=-1) * quad).reshape(-1)
+
+
+def kron_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Kron-OBD, output channel i: ``½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``, shape ``(G·d_out,)``."""
+    w, A, S = _f64(w, A, S)
+    quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
+    return (0.5 * torch.diagonal(S, dim1=-2, dim2=-1) * quad).reshape(-1)
+
+
+def diag_in_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """C-OBD, input channel j: ``½ Σ_{i,k} w_{ijk}² F_{ijk}`` (``fisher`` shaped like ``w``)."""
+    w, fisher = _f64(w, fisher)
+    return (0.5 * (w.square() * fisher).sum(dim=(1, 3))).reshape(-1)
+
+
+def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """C-OBD, output channel i: ``½ Σ_{j,k} w_{ijk}² F_{ijk}``."""
+    w, fisher = _f64(w, fisher)
+    return (0.5 * (w.square() * fisher).sum(dim=(2, 3))).reshape(-1)
+
+
+def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EigenDamage (MATH.md §3) of a KFE core ``W*`` ``(r_out, r_in, K)``.
+
+    ``damage_in(j) = ½ Σ_i Σ_k W*_{ijk}² F_ij`` and ``damage_out(i) = ½ Σ_j Σ_k W*_{ijk}² F_ij``
+    with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE (``λ_S,i λ_A,j`` or EK-FAC).
+    """
+    core, fisher_diag = _f64(core, fisher_diag)
+    per_weight = 0.5 * core.square().sum(dim=-1) * fisher_diag
+    return per_weight.sum(dim=0), per_weight.sum(dim=1)
+
+
+def damped_inverse(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(M + γ·mean(diag M)·I)⁻¹`` per group (float64)."""
+    M = M.double()
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    scale = torch.diagonal(M, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(torch.finfo(M.dtype).tiny)
+    return torch.linalg.inv(M + damping * scale[..., None, None] * eye)
+
+
+def obs_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float) -> torch.Tensor:
+    """Kron-OBS, single input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``."""
+    w, S = _f64(w, S)
+    quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
+    return (0.5 * quad / torch.diagonal(damped_inverse(A, damping), dim1=-2, dim2=-1)).reshape(-1)
+
+
+def obs_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float) -> torch.Tensor:
+    """Kron-OBS, single output channel i: ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``."""
+    w, A = _f64(w, A)
+    quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
+    return (0.5 * quad / torch.diagonal(damped_inverse(S, damping), dim1=-2, dim2=-1)).reshape(-1)
+
+
+def split_by_group(channels: Sequence[int], per_group: int, groups: int):
+    """Global channel indices → one sorted ``LongTensor`` of local indices per group."""
+    idx = torch.as_tensor(sorted(set(int(c) for c in channels)), dtype=torch.long)
+    return [idx[(idx // per_group) == g] % per_group for g in range(groups)]
+
+
+def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Sequence[int],
+                 damping: float) -> Tuple[float, torch.Tensor]:
+    """Joint Kron-OBS removal of the input channels ``removed`` (MATH.md §6).
+
+    Per group and kernel offset, with ``P`` the removed channels and ``M = ([A⁻¹]_PP)⁻¹``:
+    damage ``½ Σ_k tr(W_Pᵀ S W_P M)`` and update ``ΔW = −W_P M [A⁻¹]_P,:`` (which sets ``W_P``
+    to zero and compensates the remaining columns). Returns ``(damage, ΔW)``, ``ΔW`` shaped
+    like ``w`` (float64).
+    """
+    w64, S64 = _f64(w, S)
+    A_inv = damped_inverse(A, damping)
+    delta = torch.zeros_like(w64)
+    damage = w64.new_zeros(())
+    for g, P in enumerate(split_by_group(removed, w.shape[2], w.shape[0])):
+        if len(P) == 0:
+            continue
+        P = P.to(w.device)
+        M = torch.linalg.inv(A_inv[g][P][:, P])
+        W_P = w64[g][:, P, :]                                   # (d_out, |P|, K)
+        damage += 0.5 * torch.einsum("opk,oq,qrk,rp->", W_P, S64[g], W_P, M)
+        delta[g] = -torch.einsum("opk,pr,rj->ojk", W_P, M, A_inv[g][P])
+        delta[g][:, P, :] = -W_P                                # exactly, not up to round-off
+    return float(damage), delta
+
+
+# -- on a layer: Kron-OBS joint damage and compensation ---------------------------------------
+def _obs_operands(module, factors, removed_in_idxs):
+    from .layers import adapter_for
+
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise TypeError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
+    factors.check(module)
+    if factors.factor_mode != "channel":
+        raise ValueError(f"OBS uses channel-mode factors, got factor_mode={factors.factor_mode!r}; "
+                         "collect the statistics with collect_kfac(..., factor_mode='channel')")
+    n_in = adapter.in_features(module)
+    bad = [int(c) for c in removed_in_idxs if not 0 <= int(c) < n_in]
+    if bad or len(removed_in_idxs) == 0:
+        raise ValueError(f"removed_in_idxs must be a non-empty list of input channels in "
+                         f"[0, {n_in}); got {list(removed_in_idxs) if bad == [] else bad}")
+    return adapter.weight_blocks(module), factors.input_blocks, factors.grad_blocks
+
+
+def obs_damage(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING) -> float:
+    """Predicted loss increase ``½ tr(W_Pᵀ S W_P ([A⁻¹]_PP)⁻¹)`` of removing the input channels
+    ``removed_in_idxs`` of ``module`` together, with OBS compensation (see :func:`obs_in_joint`).
+
+    ``factors`` is ``stats[module]``; ``damping`` γ regularizes ``A`` as ``A + γ·mean(diag A)·I``.
+    """
+    w, A, S = _obs_operands(module, factors, removed_in_idxs)
+    return obs_in_joint(w, A, S, removed_in_idxs, damping)[0]
+
+
+def obs_compensation(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING,
+                     *, apply: bool = True) -> torch.Tensor:
+    """OBS update ``ΔW = −W_P ([A⁻¹]_PP)⁻¹ [A⁻¹]_P,:`` for removing input channels ``P``.
+
+    Returns ``ΔW`` shaped like ``module.weight``; with ``apply=True`` it is added to the weight,
+    which zeroes the columns ``P`` (remove them afterwards, e.g. with Torch-Pruning) and
+    compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (MATH.md §6).
+    """
+    w, A, S = _obs_operands(module, factors, removed_in_idxs)
+    delta = obs_in_joint(w, A, S, removed_in_idxs, damping)[1].reshape(module.weight.shape)
+    delta = delta.to(module.weight.dtype)
+    if apply:
+        with torch.no_grad():
+            module.weight.add_(delta)
+    return delta

@@ -1,0 +1,133 @@
+"""Diagonal Fisher from per-example squared gradients (the C-OBD criterion's curvature).
+
+For every Conv2d / Linear the diagonal of the Fisher of the per-example loss is
+
+    F_diag = E_n[G_n ⊙ G_n],   G_n = Σ_t g_t a_tᵀ   (per-example weight gradient)
+
+on the same scale as K-FAC's ``A ⊗ S`` (MATH.md §1). ``G_n`` comes from a forward hook
+(``a``) and a tensor hook on the layer output (``g = ∂ℓ_n/∂s``) via the layer adapters;
+batching, labels and model-state handling are kfac.py's.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from . import fisher
+from .kfac import (
+    KFACError,
+    StaleStatisticsError,
+    _model_device,
+    _select_modules,
+    _to_device,
+    default_batch_fn,
+    default_forward_fn,
+    preserved_model_state,
+)
+from .layers import adapter_for
+
+#: Per-example gradients are formed for at most this many weight entries at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class FisherDiagStats(Mapping):
+    """Diagonal Fisher keyed by module; ``stats[module]`` is ``(G, out/G, in/G, K)`` like
+    :meth:`LayerAdapter.weight_blocks`."""
+
+    def __init__(self, diagonals: Dict[nn.Module, torch.Tensor], names: Dict[nn.Module, str],
+                 num_examples: float, model: nn.Module):
+        self._diagonals, self._names = diagonals, names
+        self.num_examples, self.model = num_examples, model
+
+    def __getitem__(self, module: nn.Module) -> torch.Tensor:
+        try:
+            diag = self._diagonals[module]
+        except KeyError:
+            raise KeyError(f"no diagonal Fisher for {type(module).__name__} module; it was not "
+                           "covered by collect_fisher_diag") from None
+        if diag.shape != adapter_for(module).weight_blocks(module).shape:
+            raise StaleStatisticsError(
+                f"diagonal Fisher of '{self._names[module]}' has shape {tuple(diag.shape)} but the "
+                f"module's weight no longer matches (it was pruned); call collect_fisher_diag again")
+        return diag
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._diagonals)
+
+    def __len__(self) -> int:
+        return len(self._diagonals)
+
+
+class _SquaredGradCollector:
+    def __init__(self, module: nn.Module):
+        self.module, self.adapter, self.sum = module, adapter_for(module), None
+
+    def forward_hook(self, module, inputs, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            x = inputs[0]
+            output.register_hook(lambda g: self._accumulate(x, g))
+
+    def _accumulate(self, x, g):
+        per_example = max(1, self.module.weight.numel())
+        chunk = max(1, CHUNK_ELEMENTS // per_example)
+        for start in range(0, x.shape[0], chunk):
+            grads = self.adapter.per_example_grads(self.module, x[start:start + chunk], g[start:start + chunk])
+            sq = grads.square().sum(0)
+            self.sum = sq if self.sum is None else self.sum + sq
+
+
+def collect_fisher_diag(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    num_batches: Optional[int] = None,
+    fisher_type: str = "true",
+    loss_fn: Optional[Callable] = None,
+    sample_fn: Optional[Callable] = None,
+    modules: Optional[Iterable[nn.Module]] = None,
+    batch_fn: Callable = default_batch_fn,
+    forward_fn: Callable = default_forward_fn,
+    progress: bool = True,
+) -> FisherDiagStats:
+    """Diagonal Fisher ``E_n[G_n²]`` of every Conv2d / Linear (or ``modules``).
+
+    Arguments mean what they mean in :func:`collect_kfac`. Models must be batch-first (the
+    per-example gradient of example n sums over every other axis). The model is left as found.
+    """
+    if fisher_type not in fisher.FISHER_TYPES:
+        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
+    loss_fn = loss_fn or fisher.cross_entropy
+    sample_fn = sample_fn or fisher.sample_categorical
+    collectors = [_SquaredGradCollector(m) for _, m in
+                  _select_modules(model, None if modules is None else list(modules))]
+    names = {m: n for n, m in model.named_modules()}
+    device, params = _model_device(model), list(model.parameters())
+    num_examples, handles = 0.0, []
+
+    from tqdm.auto import tqdm
+
+    try:
+        with preserved_model_state(model):
+            handles = [c.module.register_forward_hook(c.forward_hook) for c in collectors]
+            for step, batch in enumerate(tqdm(data, desc="diagonal Fisher", disable=not progress, leave=False)):
+                if num_batches is not None and step >= num_batches:
+                    break
+                inputs, targets = (_to_device(t, device) for t in batch_fn(batch))
+                outputs = forward_fn(model, inputs)
+                if fisher_type == "true":
+                    targets = sample_fn(outputs)
+                elif targets is None:
+                    raise KFACError("fisher_type='empirical' needs targets in every batch")
+                losses = loss_fn(outputs, targets)
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                num_examples += losses.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    if num_examples == 0:
+        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+    done = [c for c in collectors if c.sum is not None]
+    return FisherDiagStats({c.module: c.sum / num_examples for c in done},
+                           {c.module: names.get(c.module, "?") for c in done}, num_examples, model)

@@ -1,0 +1,137 @@
+"""Eigenvalue-corrected K-FAC (EK-FAC, George et al. 2018) for KFE blocks (MATH.md §3, end).
+
+K-FAC's Fisher diagonal in the KFE is ``λ_S,i λ_A,j``. EK-FAC replaces it by the second moment
+of the per-example gradient projected into the KFE. The core of a KFE block already works in
+those coordinates (its inputs are rotated by ``Q_Aᵀ``, its outputs by ``Q_S``), so its
+per-example weight gradient IS the projected gradient ``Q_Sᵀ G_n Q_A``:
+
+    (G_n)_{i,j,k} = Σ_t g_{n,t,i} x_{n,t,k,j}
+
+with ``g = ∂ℓ_n/∂s`` at the core's output location / token t and ``x_{n,t,k}`` the core input
+seen by kernel offset k (Linear: K = 1, every token a location). The refit is
+
+    F_ij = E_n[ (1/K) Σ_k (G_n)_{i,j,k}² ]
+
+one value per (output, input) direction shared by every kernel offset, as ``fisher_diag``
+is used: ``damage = ½ Σ_k (W*_{ijk})² F_ij``. The ``1/K`` matches channel-mode K-FAC, whose
+``A`` averages over kernel offsets: with one example and one output location (where K-FAC is
+exact) ``F_ij = g*_i² · (1/K) Σ_k x*_{kj}² = λ_S,i λ_A,j``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .kfac import collect_kfac, default_batch_fn, default_forward_fn
+from .kfe import KFEBlock, KFEError, kfe_blocks
+from .layers import adapter_for
+
+#: per-example gradients are formed for at most this many weight entries at a time
+CHUNK_ELEMENTS = 2 ** 24
+
+
+class _CoreRecorder:
+    """Hooks on one core: keeps ``(x, g)`` of every call and folds a batch into ``Σ_n Σ_k G_n²``."""
+
+    def __init__(self, name: str, block: KFEBlock):
+        self.name, self.block, self.core = name, block, block.core
+        self.adapter = adapter_for(block.core)
+        self.calls: List[List[Optional[torch.Tensor]]] = []
+        self.sq_sum: Optional[torch.Tensor] = None
+
+    def forward_hook(self, module, inputs, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            call = [inputs[0].detach(), None]
+            self.calls.append(call)
+            output.register_hook(lambda g: call.__setitem__(1, g.detach()))
+
+    def flush(self) -> None:
+        """``Σ_n Σ_k (Σ_calls G_n)²`` of the batch just back-propagated, in example chunks."""
+        calls = [(x, g) for x, g in self.calls if g is not None]
+        self.calls = []
+        if not calls:
+            return
+        out_f, in_f = self.core.weight.shape[:2]
+        per_example = out_f * in_f * self.adapter.kernel_numel(self.core)
+        step = max(1, CHUNK_ELEMENTS // per_example)
+        total = torch.zeros(out_f, in_f, dtype=torch.float64, device=calls[0][0].device)
+        for lo in range(0, calls[0][0].shape[0], step):
+            G = sum(self.adapter.per_example_grads(self.core, x[lo:lo + step], g[lo:lo + step])
+                    for x, g in calls)
+            total += G[:, 0].double().pow(2).sum(dim=(0, 3))
+        self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
+
+
+def _all_reduce(tensors: List[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def fit_eigen_correction(
+    model: nn.Module,
+    data,
+    *,
+    num_batches: Optional[int] = None,
+    fisher_type: str = "true",
+    loss_fn: Optional[Callable] = None,
+    sample_fn: Optional[Callable] = None,
+    batch_fn: Callable = default_batch_fn,
+    forward_fn: Callable = default_forward_fn,
+    progress: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``.
+
+    The Fisher passes are :func:`~tp_eigendamage.collect_kfac`'s (same arguments, same batch
+    handling, label sampling, model-state restoration and errors; one model forward per batch);
+    hooks on the cores record per-example gradients, vectorized over the batch. Afterwards each
+    block's buffers are cut to its surviving directions (:meth:`KFEBlock.keep_surviving_buffers`),
+    ``fisher_diag`` is ``(r_out_now, r_in_now)`` in the core's channel order and
+    ``block.eigen_corrected`` is True. Returns ``{block name: fisher_diag}``.
+    Under ``torch.distributed`` the sums are all-reduced (global average).
+    """
+    blocks = kfe_blocks(model)
+    if not blocks:
+        raise KFEError("the model has no KFE blocks; call to_kfe(model, stats) first")
+    recorders = [_CoreRecorder(name, blk) for name, blk in blocks]
+    handles = []
+
+    def before_forward(*_):
+        """Flush the previous batch (its backward is done); hook the cores on the first call.
+
+        Hooked lazily, after collect_kfac's own hooks, so the tensor hooks sit on the output
+        the rest of the model actually consumes (collect_kfac's hooks may replace it).
+        """
+        if len(handles) == 1:
+            handles.extend(r.core.register_forward_hook(r.forward_hook) for r in recorders)
+        for r in recorders:
+            r.flush()
+
+    handles.append(model.register_forward_pre_hook(before_forward))
+    try:
+        stats = collect_kfac(model, data, num_batches=num_batches, fisher_type=fisher_type,
+                             factor_mode="channel", loss_fn=loss_fn, sample_fn=sample_fn,
+                             modules=[r.core for r in recorders], batch_fn=batch_fn,
+                             forward_fn=forward_fn, progress=progress)
+        before_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    _all_reduce([r.sq_sum for r in recorders])
+    refits: List[Tuple[_CoreRecorder, torch.Tensor]] = []
+    for r in recorders:
+        K = r.adapter.kernel_numel(r.core)
+        F = r.sq_sum / (stats.num_examples * K)
+        if not torch.isfinite(F).all():
+            raise KFEError(f"non-finite per-example gradients at the core of '{r.name}'; check "
+                           "the inputs, weights and loss")
+        refits.append((r, F))
+    for r, F in refits:
+        r.block.keep_surviving_buffers()
+        r.block.fisher_diag = F.to(r.block.fisher_diag.device, r.block.fisher_diag.dtype)
+        r.block.eigen_corrected = True
+    return {r.name: r.block.fisher_diag for r in recorders}
