@@ -18,6 +18,8 @@ from tp_eigendamage.importance import (
 )
 from tp_eigendamage.kfe import KFEBlock
 
+pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors; see conftest.py
+
 EXAMPLE = torch.randn(1, 3, 6, 6)
 
 
@@ -197,7 +199,7 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
 def test_eigendamage_predicts_measured_loss_of_removing_directions():
     """Spearman ≥ 0.8 between the predicted damage_in/damage_out of each of the 48
     eigen-directions of a KFE block and the measured loss increase when its core column/row is
-    zeroed (measured: 0.96).
+    zeroed (measured: 0.94).
 
     Why not ~1: the prediction is second order (after 30 steps the model is not at a minimum),
     and K-FAC with the true Fisher (sampled labels) only approximates the Hessian. An unrelated
@@ -297,3 +299,47 @@ def test_base_pruner_resnet18(criterion, global_pruning):
     assert sum(p.numel() for p in model.parameters()) < 0.9 * params0
     assert len(calls) == 2                                   # re-collected after the first step
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_base_pruner_resnet18_after_to_kfe(global_pruning):
+    """EigenDamage on a KFE-rewritten resnet18: eigen-directions and residual channels are pruned
+    in one pass by Torch-Pruning and the model still runs."""
+    from tp_eigendamage.kfe import to_kfe
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False).eval()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    example = torch.randn(2, 3, 32, 32)
+    stats = collect_kfac(model, data, progress=False)
+    to_kfe(model, stats)
+    blocks = [m for m in model.modules() if isinstance(m, KFEBlock)]
+    directions0 = [b.core.in_channels for b in blocks]
+    params0 = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.BasePruner(model, example, importance=EigenDamageImportance(stats),
+                                  pruning_ratio=0.3, global_pruning=global_pruning,
+                                  ignored_layers=[model.get_classifier()])
+    pruner.step()
+    out = model(example)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * params0
+    assert any(b.core.in_channels < d for b, d in zip(blocks, directions0))
+
+
+def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():
+    """timm ViT: token Linears, the fused qkv Linear (index-mapped members), LayerNorm members."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                              depth=1).eval()
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    stats = collect_kfac(model, data, progress=False)
+    DG, groups = groups_of(model, torch.randn(1, 3, 32, 32), ignored=[model.head])
+    assert any(item.dep.layer is model.blocks[0].attn.qkv for g in groups for item in g)
+    for side in ("consumer", "producer"):
+        imp = KroneckerOBDImportance(stats, side=side)
+        for group in groups:
+            kinds = {member_kind(DG, item.dep) for item in group}
+            has_side = bool(kinds & {"in" if side == "consumer" else "out", "both"})
+            used = side if has_side else {"consumer": "producer", "producer": "consumer"}[side]
+            ref = group_reference(DG, group, kron_score(stats), used)
+            torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-12)

@@ -299,8 +299,8 @@ def run(args) -> dict:
     setup, model, timings = _prepare(args)
     stages = {"trained": _evaluate(model, setup, args)}
 
-    spectra_stats = collect_kfac(model, _stats_batches(setup.train_loader, args.stat_batches),
-                                 fisher_type=args.fisher_type, progress=False)
+    spectra = _largest_spectra(collect_kfac(model, _stats_batches(setup.train_loader, args.stat_batches),
+                                            fisher_type=args.fisher_type, progress=False), k=4)
     start = time.perf_counter()
     model, report = _prune_once(model, setup, args, args.method, target, finetune_epochs=0)
     timings["prune"] = time.perf_counter() - start
@@ -321,7 +321,6 @@ def run(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     save(model, os.path.join(args.out, "pruned_model.pt"))
     report_dict = report.to_dict()
-    spectra = _largest_spectra(spectra_stats, k=4)
     plot_layer_widths(report_dict["layers"], os.path.join(args.out, "layer_widths.png"))
     plot_spectra(spectra, os.path.join(args.out, "eigen_spectra.png"))
     result = {"config": {k: v for k, v in vars(args).items() if k != "command"}, "target": target,

@@ -13,9 +13,9 @@ element-wise members contribute nothing). Which members carry the damage (``side
 The default is what predicted the measured loss increase of removing a channel better in
 ``benchmarks/damage_prediction.py`` (Spearman over all channels of a small residual CNN on
 digits: producer 0.79–0.86, consumer 0.13–0.55). Channel-mode K-FAC treats kernel offsets and
-output locations as independent, which underestimates the curvature of conv layers far more
-than of Linear layers; consumer sums mix both kinds (a conv's channels read by the classifier
-look expensive), producer sums are usually all convs.
+output locations as independent, which there underestimated the curvature of a conv ~50× but
+of the Linear classifier only ~2×; consumer sums mix both kinds (channels read by the
+classifier look too expensive next to channels read by convs), producer sums are all convs.
 
 A depthwise conv is both (its input and output channel are removed together). A group with no
 member on the chosen side (e.g. channels that reach the model output directly) uses the other.
@@ -27,7 +27,7 @@ model changed shape since (e.g. between the steps of ``BasePruner(iterative_step
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -155,7 +155,7 @@ class _ChannelImportance(tp.importance.Importance):
     def _sum_members(self, group, side: str, stats) -> Optional[torch.Tensor]:
         DG = group._DG
         position = {r: p for p, r in enumerate(group[0].root_idxs)}
-        total, found = None, False
+        total = None
         for item in group:
             dep, idxs = item
             module = dep.layer
@@ -172,8 +172,7 @@ class _ChannelImportance(tp.importance.Importance):
             if pairs:
                 rows, cols = (torch.as_tensor(v, device=member.device) for v in zip(*pairs))
                 total.index_add_(0, rows, member[cols])
-            found = True
-        return total.float() if found else None
+        return None if total is None else total.float()
 
 
 class KroneckerOBDImportance(_ChannelImportance):

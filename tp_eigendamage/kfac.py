@@ -392,6 +392,8 @@ def collect_kfac(
         forward_fn: ``(model, inputs) -> outputs``; see :func:`default_forward_fn`.
         progress: show a tqdm progress bar.
 
+    Cost per batch: one forward and one backward that stops at the layer outputs (no weight
+    gradient is formed; see :meth:`_LayerCollector.forward_hook`), plus the factor sums.
     The model is evaluated in eval mode and left exactly as found (modes, parameters,
     buffers, ``.grad``, ``requires_grad``, hooks), also when an error is raised. Under an
     initialized ``torch.distributed`` group the sums and counts are all-reduced.

@@ -132,6 +132,8 @@ class _RoundImportance(tp.importance.Importance):
       below any damage float32 can tell apart from another.
     * Cache: scores do not depend on the pruning amount, so the trials of the budget search
       share them (keyed by the root layer's name, the pruning function and the indices).
+      The raw criterion scores are kept too: :meth:`removed_damage` sums them over the
+      channels a pruning group removes (criteria only score whole groups).
     """
 
     TIE_BREAK = 1e-20
@@ -173,23 +175,35 @@ class _RoundImportance(tp.importance.Importance):
             keep = max(keep, math.ceil(member_keep * n_root / max(current, 1)))
         return min(keep, n_root)
 
-    def __call__(self, group):
+    def _key(self, group):
         root = group[0]
-        key = (self.names.get(id(root.dep.target.module)), root.dep.handler, tuple(root.idxs))
+        return self.names.get(id(root.dep.target.module)), root.dep.handler
+
+    def __call__(self, group):
+        key = self._key(group) + (tuple(group[0].idxs),)
         if key not in self.cache:
             self.cache[key] = self._score(group)
-        return self.cache[key]
+        return self.cache[key][1]
+
+    def removed_damage(self, group) -> Optional[float]:
+        """Sum of raw scores of the channels ``group`` removes (from the whole-group scores)."""
+        raw = next((v[0] for k, v in self.cache.items() if k[:2] == self._key(group) and v[0] is not None), None)
+        if raw is None:
+            return None
+        idxs = torch.as_tensor([int(i) for i in group[0].idxs if int(i) < len(raw)], dtype=torch.long)
+        return float(raw[idxs].sum())
 
     def _score(self, group):
         scores = self.inner(group)
         if scores is None:
-            return None
-        scores = scores.detach().float().cpu()
+            return None, None
+        raw = scores.detach().float().cpu()
+        scores = raw.clone()
         magnitude = self.magnitude(group)
         if magnitude is not None:
             scores = scores + self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
         scores[torch.topk(scores, self._must_keep(group)).indices] = float("inf")
-        return scores
+        return raw, scores
 
 
 def _compensate(groups, DG, stats):
@@ -220,10 +234,10 @@ def _prune_pass(model, stats, example_inputs, method, ratio, ignored, cap, initi
     modules = dict(model.named_modules())
     damages: Dict[str, float] = {}
     for group in groups if record_damage else []:
-        scores = criterion(group)
-        if scores is not None:
+        damage = importance.removed_damage(group)
+        if damage is not None:
             name = _layer_name(names, group[0].dep.target.module, modules)
-            damages[name] = damages.get(name, 0.0) + float(scores.sum())
+            damages[name] = damages.get(name, 0.0) + damage
     if method == "kron_obs":
         _compensate(groups, pruner.DG, stats)
     for group in groups:

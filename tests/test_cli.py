@@ -1,0 +1,114 @@
+"""The command-line tool end to end on tiny configurations, and each bad-input path."""
+import json
+import os
+
+import matplotlib.image as mpimg
+import pytest
+
+from tp_eigendamage.cli import main
+
+TINY = ["--model", "resnet10t", "--image-size", "16", "--epochs", "1", "--max-train-batches", "2",
+        "--batch-size", "16", "--stat-batches", "1", "--no-progress"]
+
+
+def _png_ok(path):
+    image = mpimg.imread(path)
+    return image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def test_default_job_writes_table_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(TINY + ["--method", "kron_obd", "--target-params", "0.6", "--finetune-epochs", "1",
+                        "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for stage in ("trained", "pruned", "fine-tuned"):
+        assert stage in printed
+    assert "test acc" in printed and "params" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == {"trained", "pruned", "fine-tuned"}
+    before, after = report["stages"]["trained"], report["stages"]["pruned"]
+    assert after["params"] == pytest.approx(0.6 * before["params"], rel=0.02)
+    assert 0.0 <= report["stages"]["fine-tuned"]["accuracy"] <= 1.0
+    assert report["versions"]["torch"]
+    assert report["pruning"]["layers"], "per-layer table missing"
+    assert set(report["timings"]) >= {"train", "prune", "finetune"}
+    for png in ("layer_widths.png", "eigen_spectra.png"):
+        assert _png_ok(out / png)
+
+    from tp_eigendamage import load
+    model = load(str(out / "pruned_model.pt"))
+    assert sum(p.numel() for p in model.parameters()) == after["params"]
+
+
+def _compare(tmp_path, name):
+    out = tmp_path / name
+    code = main(["compare"] + TINY + ["--methods", "kron_obd,magnitude", "--targets", "0.7,0.5",
+                                      "--finetune-epochs", "0,1", "--out", str(out)])
+    assert code == 0
+    return json.loads((out / "compare.json").read_text()), out
+
+
+def test_compare_covers_every_method_and_target_reproducibly(tmp_path, capsys):
+    first, out = _compare(tmp_path, "a")
+    printed = capsys.readouterr().out
+    cells = {(r["method"], r["target_params"], r["finetune_epochs"]) for r in first["results"]}
+    assert cells == {(m, t, f) for m in ("kron_obd", "magnitude") for t in (0.7, 0.5) for f in (0, 1)}
+    for r in first["results"]:
+        assert r["params_fraction"] == pytest.approx(r["target_params"], rel=0.02)
+        assert r["method"] in printed
+    assert _png_ok(out / "compare.png")
+
+    second, _ = _compare(tmp_path, "b")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(first["results"]) == strip(second["results"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no_such_model"], "unknown timm model"),
+    (["--method", "l7_norm"], "unknown method"),
+    (["--target-params", "1.5"], "between 0 and 1"),
+    (["--target-flops", "0"], "between 0 and 1"),
+    (["--data", "/nonexistent/folder"], "neither 'digits' nor an existing folder"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    code = main(TINY + args + ["--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_data_folder_that_is_not_an_image_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(TINY + ["--data", str(empty), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "image folder" in err
+
+
+def test_out_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = main(TINY + ["--out", str(blocker / "sub")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "not writable" in err
+
+
+def test_compare_bad_method_list(tmp_path, capsys):
+    code = main(["compare"] + TINY + ["--methods", "kron_obd,bogus", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "unknown method 'bogus'" in err
+
+
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tp_eigendamage", "--help"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0
+    for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
+                 "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
+                 "--stat-batches", "--fisher-type", "--seed", "--device", "--out", "--checkpoint"):
+        assert flag in done.stdout
