@@ -32,44 +32,70 @@ class TargetUnreachableError(RuntimeError):
     """No pruning amount within the per-layer caps meets the target."""
 
 
-def search_ratio(achieved: Callable[[float], float], target: float, *, tolerance: float = 0.02,
-                 max_ratio: float = 0.999, max_trials: int = 14) -> Tuple[float, float]:
+def search_ratio(achieved: Callable[[float], float], target: float, *, start: float,
+                 exponent: float = 2.0, tolerance: float = 0.02, max_ratio: float = 0.999,
+                 max_trials: int = 12) -> Tuple[float, float, float]:
     """Find a channel ratio ``r`` with ``|achieved(r) / target - 1| <= tolerance``.
 
     ``achieved(r)`` is the remaining fraction of the budget metric after pruning a fraction
-    ``r`` of the channels; it does not increase with ``r``. Bracketed secant steps (regula
-    falsi with bisection fallback) on ``[0, max_ratio]``; returns ``(r, achieved(r))``.
+    ``r`` of the channels; it does not increase with ``r`` and ``achieved(0) = start``. The
+    search models ``achieved(r) ≈ start · (1 − r)^p``, a straight line in ``x = −log(1 − r)``,
+    ``y = log achieved``: the first guess uses ``p = exponent`` (2 for channels pruned on both
+    sides of every layer; pass the previous round's value), later ones are secant steps
+    through the last two points, regula falsi once the target is bracketed, with bisection
+    when a step would land near a bracket end. Returns ``(r, achieved(r), p)`` with ``p`` the
+    exponent the result implies (for the next round's first guess).
     """
-    lo, f_lo = 0.0, achieved(0.0)
-    if abs(f_lo / target - 1) <= tolerance:
-        return lo, f_lo
-    if f_lo < target:
+    if abs(start / target - 1) <= tolerance:
+        return 0.0, start, exponent
+    if start < target:
         raise TargetUnreachableError(
-            f"the model already costs {f_lo:.3f} of the original before pruning this round, "
+            f"the model already costs {start:.3f} of the original before pruning this round, "
             f"below the target {target:.3f}")
-    hi, f_hi = max_ratio, achieved(max_ratio)
-    if f_hi > target * (1 + tolerance):
-        raise TargetUnreachableError(
-            f"the target {target:.3f} is out of reach: pruning as much as the per-layer caps and "
-            f"ignored layers allow still leaves {f_hi:.3f}; raise the target or max_layer_ratio")
-    best = (hi, f_hi)
-    r = 1 - math.sqrt(target) if 0 < 1 - math.sqrt(target) < max_ratio else 0.5 * max_ratio
+    x_max, y_goal = -math.log1p(-max_ratio), math.log(target)
+    above = [(0.0, math.log(start))]          # points (x, y) with y above the goal, by x
+    below: list = []                          # points with y below the goal, by x
+    best = (0.0, start)
+    x = min((above[0][1] - y_goal) / max(exponent, 1e-3), x_max)
     for _ in range(max_trials):
+        r = -math.expm1(-x)
         f = achieved(r)
         if abs(f / target - 1) < abs(best[1] / target - 1):
             best = (r, f)
         if abs(f / target - 1) <= tolerance:
-            return r, f
-        if f > target:
-            lo, f_lo = r, f
-        else:
-            hi, f_hi = r, f
-        secant = lo + (f_lo - target) * (hi - lo) / max(f_lo - f_hi, 1e-12)
-        bisect = 0.5 * (lo + hi)
-        r = secant if lo + 0.05 * (hi - lo) < secant < hi - 0.05 * (hi - lo) else bisect
-    if abs(best[1] / target - 1) <= tolerance:
-        return best
+            return r, f, _exponent(start, r, f, exponent)
+        if f > target and x >= x_max:
+            raise TargetUnreachableError(
+                f"the target {target:.3f} is out of reach: pruning as much as the per-layer caps "
+                f"and ignored layers allow still leaves {f:.3f}; raise the target or max_layer_ratio")
+        (above if f > target else below).append((x, math.log(f)))
+        above.sort()
+        below.sort()
+        x = _next_x(above, below, y_goal, x_max)
+        if x is None:
+            break
     raise TargetUnreachableError(
         f"could not land within {tolerance:.0%} of the target {target:.3f}; closest reached "
         f"{best[1]:.3f} (channel granularity too coarse: use a larger model or input, or a "
         "looser target)")
+
+
+def _exponent(start: float, r: float, f: float, default: float) -> float:
+    """``p`` with ``f = start · (1 − r)^p`` (``default`` when ``r`` or the change is 0)."""
+    if r <= 0 or f >= start:
+        return default
+    return math.log(f / start) / math.log1p(-r)
+
+
+def _next_x(above, below, y_goal: float, x_max: float):
+    """Next candidate ``x``; None once the bracket is narrower than any channel step."""
+    (x0, y0), (x1, y1) = (above[-2:] if not below else (above[-1], below[0]))
+    if not below:   # not bracketed yet: extrapolate, at least 10 % further, at most x_max
+        slope = (y1 - y0) / (x1 - x0)
+        step = (y_goal - y1) / slope if slope < 0 else x1
+        return min(max(x1 + step, 1.1 * x1), x_max)
+    if x1 - x0 < 1e-6:
+        return None
+    secant = x0 + (y_goal - y0) * (x1 - x0) / (y1 - y0)
+    margin = 0.05 * (x1 - x0)
+    return secant if x0 + margin < secant < x1 - margin else 0.5 * (x0 + x1)

@@ -255,8 +255,8 @@ class EigenDamageImportance(KroneckerOBDImportance):
     * ``rotate_in`` output and ``rotate_out`` input channels (the same directions): nothing;
     * the block's outer channels (``rotate_in`` inputs / ``rotate_out`` outputs): Kron-OBD of
       the block as one layer, weight ``Q_S W* Q_Aᵀ`` (current rotation weights) and factors
-      ``A = basis_in diag(λ_A) basis_inᵀ``, ``S = basis_out diag(λ_S) basis_outᵀ``; once outer
-      channels were pruned, ``A``/``S`` come from fresh statistics of the rotation layers.
+      ``A = basis_in diag(λ_A) basis_inᵀ``, ``S = basis_out diag(λ_S) basis_outᵀ`` over the
+      basis rows of the outer channels still present (:meth:`KFEBlock.surviving_outer`).
 
     ``normalizer=None`` (default) keeps loss units so global pruning ranks eigen-directions and
     channels of all layers in one list.
@@ -282,9 +282,9 @@ class EigenDamageImportance(KroneckerOBDImportance):
             damage_in, damage_out = self._eigen_damages(block)
             return damage_in if reads else damage_out
         if role == "rotate_in" and reads and side == "consumer":
-            return damage.kron_in_damage(*self._block_curvature(block, stats))
+            return damage.kron_in_damage(*self._block_curvature(block))
         if role == "rotate_out" and writes and side == "producer":
-            return damage.kron_out_damage(*self._block_curvature(block, stats))
+            return damage.kron_out_damage(*self._block_curvature(block))
         return None
 
     @staticmethod
@@ -297,22 +297,17 @@ class EigenDamageImportance(KroneckerOBDImportance):
         return damage.eigen_damages(core[0], fisher_diag)
 
     @staticmethod
-    def _block_curvature(block: KFEBlock, stats):
-        """``(w, A, S)`` of the block as one layer, ``w = Q_S W* Q_Aᵀ`` per kernel offset."""
+    def _block_curvature(block: KFEBlock):
+        """``(w, A, S)`` of the block as one layer, ``w = Q_S W* Q_Aᵀ`` per kernel offset, and
+        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels."""
         core = adapter_for(block.core).weight_blocks(block.core).double()
         R_in = block.rotation_in_matrix().double()
         R_out = block.rotation_out_matrix().double()
         w = torch.einsum("or,grik,ij->gojk", R_out, core, R_in)
-        A = (block.basis_in.double() * block.eigen_in.double()) @ block.basis_in.double().T
-        S = (block.basis_out.double() * block.eigen_out.double()) @ block.basis_out.double().T
-        if A.shape[-1] != w.shape[2] or S.shape[-1] != w.shape[1]:
-            if block.rotate_in not in stats or block.rotate_out not in stats:
-                raise StaleStatisticsError(
-                    "outer channels of a KFE block were pruned since to_kfe, so its stored "
-                    "eigenbases no longer match its inputs/outputs and the statistics do not "
-                    "cover its rotation layers.")
-            A = stats[block.rotate_in].input_blocks[0]
-            S = stats[block.rotate_out].grad_blocks[0]
+        channels_in, channels_out = block.surviving_outer()
+        Q_A, Q_S = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
+        A = (Q_A * block.eigen_in.double()) @ Q_A.T
+        S = (Q_S * block.eigen_out.double()) @ Q_S.T
         return w, A[None], S[None]
 
 

@@ -16,7 +16,7 @@ costs exactly the ``damage_in`` / ``damage_out`` of MATH.md §3.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,12 @@ from .layers import adapter_for
 
 
 class KFEError(ValueError):
-    """Bad input to :func:`to_kfe` / :func:`fold_kfe`; the model is left unchanged."""
+    """Bad input to :func:`to_kfe` / :func:`fold_kfe` / a KFE block; the model is left unchanged."""
+
+
+class StaleBasisError(KFEError):
+    """A block's rotation weights no longer match its stored bases AND its outer channels were
+    pruned, so neither its directions nor its outer channels can be identified."""
 
 
 # -- plain layers -----------------------------------------------------------------------------
@@ -101,6 +106,39 @@ def _buffers(eigen, R_in, R_out, like: torch.Tensor):
                  for t in (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a)))
 
 
+def _top_vote(labels: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row of ``labels`` ``(P, Q)`` (values in ``[0, n)``), the label with the most weight."""
+    tally = torch.zeros(labels.shape[0], n, dtype=torch.float64, device=labels.device)
+    return tally.scatter_add_(1, labels, weight).argmax(dim=1)
+
+
+def _exact_indices(current: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(rows, cols)`` with ``current == basis[rows][:, cols]`` exactly, or ``None``.
+
+    Each entry of ``current`` is looked up among the sorted entries of ``basis`` and votes for
+    the row and column it sits at, with weight ``1 / (number of basis entries of that value)``
+    so repeated values (zeros, ±1 of dead channels) hardly count; every row (column) of
+    ``current`` takes its top-voted row (column). The result is checked entry by entry.
+    """
+    flat, order = basis.reshape(-1).sort()
+    values = current.to(basis.dtype).reshape(-1).contiguous()
+    lo, hi = torch.searchsorted(flat, values), torch.searchsorted(flat, values, right=True)
+    at = order[lo.clamp(max=flat.numel() - 1)].reshape(current.shape)
+    weight = ((hi > lo) / (hi - lo).clamp_min(1)).double().reshape(current.shape)
+    rows = _top_vote(at // basis.shape[1], weight, basis.shape[0])
+    cols = _top_vote((at % basis.shape[1]).T, weight.T, basis.shape[1])
+    return (rows, cols) if (basis[rows][:, cols] == current.to(basis.dtype)).all() else None
+
+
+class Survivors(NamedTuple):
+    """What is left of a block: indices into its buffers (see :meth:`KFEBlock.surviving`)."""
+
+    directions_in: torch.Tensor   # columns of basis_in / entries of eigen_in, in core-input order
+    directions_out: torch.Tensor  # columns of basis_out / entries of eigen_out, in core-output order
+    channels_in: torch.Tensor     # rows of basis_in, in block-input order
+    channels_out: torch.Tensor    # rows of basis_out, in block-output order
+
+
 # -- the block --------------------------------------------------------------------------------
 class KFEBlock(nn.Module):
     """``rotate_in → core → rotate_out``, built only from ``nn.Conv2d`` / ``nn.Linear``.
@@ -116,9 +154,12 @@ class KFEBlock(nn.Module):
       after :func:`tp_eigendamage.ekfac.fit_eigen_correction`, the EK-FAC refit (then
       ``eigen_corrected`` is True).
 
-    Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions) and
-    rows of ``core`` / columns of ``rotate_out`` (output directions) without knowing these
-    buffers; :meth:`surviving_directions` recovers which stored directions are still present.
+    Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions),
+    rows of ``core`` / columns of ``rotate_out`` (output directions) and columns of
+    ``rotate_in`` / rows of ``rotate_out`` (the block's outer channels, e.g. a residual stream)
+    without knowing these buffers; :meth:`surviving` recovers which stored directions and
+    outer channels are still present. Re-rotation (:func:`to_kfe`) re-bases every buffer on
+    the current directions and outer channels.
     """
 
     def __init__(self, rotate_in: nn.Module, core: nn.Module, rotate_out: nn.Module,
@@ -163,24 +204,53 @@ class KFEBlock(nn.Module):
         """Current output rotation as ``(out, r_out_now)`` (columns are directions)."""
         return self.rotate_out.weight.reshape(self.rotate_out.weight.shape[0], -1)
 
-    def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Indices into ``eigen_in`` / ``eigen_out`` of the directions the block still has.
+    def surviving(self) -> Survivors:
+        """Which stored directions and outer channels the block still has, after any removals.
 
-        Each current row of ``rotate_in`` (column of ``rotate_out``) is matched to the stored
-        direction with the largest ``|cos|`` — exact after pruning, robust to fine-tuning.
+        As long as the rotation weights are unchanged since the block was built / re-rotated,
+        they are exact copies of basis entries, ``rotate_in[d, c] = basis_in[s_c, j_d]`` and
+        ``rotate_out[c, d] = basis_out[s_c, j_d]``, and :func:`_exact_indices` recovers ``s``
+        (outer channels) and ``j`` (directions) exactly. Otherwise (rotations fine-tuned) each
+        direction is matched to the stored one with the largest ``|cos|``, which needs the outer
+        channels intact; if they were pruned too, :class:`StaleBasisError`.
         """
-        rows = F.normalize(self.rotation_in_matrix().detach().double(), dim=1)
-        cols = F.normalize(self.rotation_out_matrix().detach().double(), dim=0)
-        in_idx = (rows @ F.normalize(self.basis_in.double(), dim=0)).abs().argmax(dim=1)
-        out_idx = (F.normalize(self.basis_out.double(), dim=0).T @ cols).abs().argmax(dim=0)
-        return in_idx, out_idx
+        channels_in, directions_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
+        channels_out, directions_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
+        return Survivors(directions_in, directions_out, channels_in, channels_out)
+
+    def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Indices into ``eigen_in`` / ``eigen_out`` (columns of the bases) of the directions left."""
+        s = self.surviving()
+        return s.directions_in, s.directions_out
+
+    def surviving_outer(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Indices into the rows of ``basis_in`` / ``basis_out`` of the block's inputs / outputs left."""
+        s = self.surviving()
+        return s.channels_in, s.channels_out
+
+    @staticmethod
+    def _locate(current: torch.Tensor, basis: torch.Tensor, side: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(channels, directions)`` of ``current`` ``(outer_now, r_now)`` in ``basis`` ``(outer, r)``."""
+        found = _exact_indices(current, basis)
+        if found is not None:
+            return found
+        if current.shape[0] != basis.shape[0]:
+            raise StaleBasisError(
+                f"the {side} rotation of this KFE block changed since it was built (e.g. it was "
+                f"fine-tuned) and its {side} channels were pruned ({basis.shape[0]} → "
+                f"{current.shape[0]}), so its stored eigenbasis cannot be matched any more; run "
+                "collect_kfac on the current model and to_kfe(model, stats) again, which "
+                "re-rotates the block and re-bases its buffers")
+        cos = F.normalize(basis.double(), dim=0).T @ F.normalize(current.double(), dim=0)
+        return torch.arange(basis.shape[0], device=basis.device), cos.abs().argmax(dim=0)
 
     def keep_surviving_buffers(self) -> None:
-        """Cut the buffers down to the surviving directions, in the core's channel order."""
-        in_idx, out_idx = self.surviving_directions()
-        self.basis_in, self.eigen_in = self.basis_in[:, in_idx], self.eigen_in[in_idx]
-        self.basis_out, self.eigen_out = self.basis_out[:, out_idx], self.eigen_out[out_idx]
-        self.fisher_diag = self.fisher_diag[out_idx][:, in_idx]
+        """Cut the buffers down to the surviving directions and outer channels, in the layers' order."""
+        s = self.surviving()
+        self.basis_in = self.basis_in[s.channels_in][:, s.directions_in]
+        self.basis_out = self.basis_out[s.channels_out][:, s.directions_out]
+        self.eigen_in, self.eigen_out = self.eigen_in[s.directions_in], self.eigen_out[s.directions_out]
+        self.fisher_diag = self.fisher_diag[s.directions_out][:, s.directions_in]
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.

@@ -4,22 +4,33 @@ Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 
 1. collect K-FAC statistics on the model as it is now (``collect_kfac``);
 2. ``method="eigendamage"``: rewrite (or re-rotate) layers in the KFE (``to_kfe``);
-3. find how many channels to remove so that the model lands on this round's budget
+3. score every Torch-Pruning group of the model ONCE (``BasePruner`` on the model itself);
+4. find how many channels to remove so that the model lands on this round's budget
    (``target^(r/k)`` of the original parameters / FLOPs, or Torch-Pruning's ``pruning_ratio``
-   schedule), by pruning deep copies (:func:`tp_eigendamage.budget.search_ratio`);
-4. remove them with ``torch_pruning.pruner.BasePruner`` and our importance, never more than
-   ``max_layer_ratio`` of any layer's original channels / directions; ``kron_obs`` first
-   applies the K-FAC OBS compensation to the consumer layers;
-5. fold KFE blocks whose bottleneck does not pay (``fold_kfe``), then ``finetune(model, r)``.
+   schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (parameters on the
+   ``meta`` device, no arithmetic) and counted there (:func:`tp_eigendamage.budget.search_ratio`);
+5. remove them from the model with the scored pruner, never more than ``max_layer_ratio`` of
+   any layer's original channels / directions; ``kron_obs`` first applies the K-FAC OBS
+   compensation to the consumer layers;
+6. fold KFE blocks whose bottleneck does not pay (``fold_kfe``), then ``finetune(model, r)``.
+
+A twin runs the same Torch-Pruning code on the same shapes with the cached scores, so it
+costs exactly what the model costs after the same pruning. Models whose forward cannot run on
+the ``meta`` device get twins with real (copied) tensors instead.
 
 The user's model is changed only on success: a deep copy is taken first, and if any step
 raises, the model's submodules, parameters and buffers are put back from that copy (the
 top-level object stays the same; its submodules are the copy's) before the error propagates.
+Errors raised by Torch-Pruning while tracing or pruning, and a pruned model that no longer
+runs, become a :class:`PruningError` naming the stage and the innermost failing module.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -27,21 +38,27 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import importance as imp_mod
-from .budget import measure_cost, search_ratio
+from .budget import Cost, TargetUnreachableError, measure_cost, search_ratio
 from .damage import obs_compensation
 from .diag_fisher import collect_fisher_diag
-from .kfac import collect_kfac
-from .kfe import KFEBlock, fold_kfe, to_kfe
+from .kfac import KFACError, StaleStatisticsError, collect_kfac
+from .kfe import KFEBlock, KFEError, fold_kfe, kfe_blocks, to_kfe
 from .layers import adapter_for
 from .report import build_report, layer_stats
 
 METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
 _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterative_steps",
-                      "max_pruning_ratio", "example_inputs", "model")
+                      "max_pruning_ratio", "example_inputs", "model", "global_pruning")
+#: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
+_MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
 
 
 class PruneArgumentError(ValueError):
     """Bad arguments to :func:`prune`; raised before any work starts."""
+
+
+class PruningError(RuntimeError):
+    """Torch-Pruning could not trace or prune the model, or the pruned model no longer runs."""
 
 
 def _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps, finetune,
@@ -52,7 +69,7 @@ def _check_args(pruning_ratio, target_params, target_flops, method, iterative_st
         raise PruneArgumentError(
             f"pass exactly one of pruning_ratio, target_params, target_flops (got {sorted(given) or 'none'})")
     (kind, value), = given.items()
-    if not isinstance(value, (int, float)) or not 0 < value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise PruneArgumentError(
             f"{kind}={value!r} must be a fraction strictly between 0 and 1 "
             + ("(the share of channels to remove)" if kind == "pruning_ratio"
@@ -60,16 +77,19 @@ def _check_args(pruning_ratio, target_params, target_flops, method, iterative_st
     if not (method in METHODS or isinstance(method, tp.importance.Importance)):
         raise PruneArgumentError(
             f"method={method!r}: choose one of {METHODS} or pass a torch_pruning Importance instance")
-    if not isinstance(iterative_steps, int) or iterative_steps < 1:
+    if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
         raise PruneArgumentError(f"iterative_steps={iterative_steps!r} must be a positive integer")
     if finetune is not None and not callable(finetune):
         raise PruneArgumentError(
             f"finetune must be a callable finetune(model, round) or None, got {type(finetune).__name__}")
-    if not isinstance(max_layer_ratio, (int, float)) or not 0 < max_layer_ratio < 1:
+    if isinstance(max_layer_ratio, bool) or not isinstance(max_layer_ratio, (int, float)) \
+            or not 0 < max_layer_ratio < 1:
         raise PruneArgumentError(f"max_layer_ratio={max_layer_ratio!r} must be in (0, 1)")
     clash = sorted(set(tp_kwargs) & set(_CONTROLLED_KWARGS))
     if clash:
-        raise PruneArgumentError(f"{clash} are set by prune() itself; use its own arguments instead")
+        raise PruneArgumentError(
+            f"{clash} are set by prune() itself; use its own arguments instead (target / "
+            "pruning_ratio, method, ignored_layers, iterative_steps, max_layer_ratio, global_pruning)")
     return kind, float(value)
 
 
@@ -120,6 +140,58 @@ def _original_channels(model: nn.Module) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+# -- errors from Torch-Pruning -----------------------------------------------------------------
+_OWN_ERRORS = (PruneArgumentError, PruningError, TargetUnreachableError, KFACError,
+               StaleStatisticsError, KFEError)
+
+
+def _run_forward(model: nn.Module, example_inputs):
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(example_inputs)
+
+
+def _failing_module(model: nn.Module, example_inputs) -> Optional[str]:
+    """``'name' (Type)`` of the innermost module running when ``model(example_inputs)`` raises;
+    None if the forward runs."""
+    names = {m: n for n, m in model.named_modules()}
+    stack: List[nn.Module] = []
+    hooks = [h for m in names for h in (
+        m.register_forward_pre_hook(lambda m, args: stack.append(m)),
+        m.register_forward_hook(lambda m, args, out: stack.pop()))]
+    try:
+        with torch.no_grad():
+            _run_forward(model, example_inputs)
+    except Exception:
+        return f"'{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})" if stack else "<model>"
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+@contextlib.contextmanager
+def _torch_pruning_errors(stage: str, model: nn.Module, example_inputs, hint: str = ""):
+    """Re-raise anything but this package's own errors as a :class:`PruningError` that names
+    ``stage`` and, if the model's forward fails, the innermost failing module."""
+    try:
+        yield
+    except _OWN_ERRORS:
+        raise
+    except Exception as exc:
+        where = _failing_module(model, example_inputs)
+        at = f"; the model's forward fails in {where}" if where else ""
+        raise PruningError(f"{stage} failed{at}: {type(exc).__name__}: {exc}. {hint}".rstrip()) from exc
+
+
+_IGNORE_HINT = ("Torch-Pruning cannot handle this layer or operation: add it (or its parent "
+                "module) to ignored_layers, or give Torch-Pruning customized_pruners / "
+                "unwrapped_parameters for it.")
+
+
+# -- one round's scores ------------------------------------------------------------------------
 class _RoundImportance(tp.importance.Importance):
     """A criterion as one round of :func:`prune` uses it: capped, tie-broken and cached.
 
@@ -130,31 +202,52 @@ class _RoundImportance(tp.importance.Importance):
     * Ties: exact ties (e.g. channels feeding a zero-initialised BatchNorm, whose damage is
       exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude, far
       below any damage float32 can tell apart from another.
-    * Cache: scores do not depend on the pruning amount, so the trials of the budget search
-      share them (keyed by the root layer's name, the pruning function and the indices).
-      The raw criterion scores are kept too: :meth:`removed_damage` sums them over the
-      channels a pruning group removes (criteria only score whole groups).
+    * Cache: scores do not depend on the pruning amount, so every group is scored once per
+      round, on the model itself; shape-only twins (``for_twin``) read the cache (keyed by the
+      root layer's name and pruning function) and never score.
     """
 
     TIE_BREAK = 1e-20
 
-    def __init__(self, inner, cap: float, initial: Dict[str, Tuple[int, int]], cache: dict):
-        self.inner, self.cap, self.initial, self.cache = inner, cap, initial, cache
+    def __init__(self, inner, cap: float, initial: Dict[str, Tuple[int, int]]):
+        self.inner, self.cap, self.initial = inner, cap, initial
         self.magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+        self.raw: Dict[tuple, Optional[torch.Tensor]] = {}      # the criterion's scores
+        self.scores: Dict[tuple, Optional[torch.Tensor]] = {}   # capped and tie-broken
+        self.scoring = True
         self.DG, self.names, self.modules = None, {}, {}
+
+    def for_twin(self) -> "_RoundImportance":
+        """A read-only view of the cache for a twin of the model (attach it to the twin)."""
+        twin = copy.copy(self)
+        twin.scoring = False
+        return twin
 
     def attach(self, model: nn.Module, DG) -> None:
         self.DG = DG
         self.modules = dict(model.named_modules())
         self.names = {id(m): n for n, m in self.modules.items()}
 
-    def _original(self, module: nn.Module, is_out: bool) -> Optional[int]:
-        name = self.names.get(id(module), "")
-        parent, _, leaf = name.rpartition(".")
-        if isinstance(self.modules.get(parent), KFEBlock) and parent in self.initial:
-            is_out = {"rotate_in": False, "rotate_out": True}.get(leaf, is_out)
-            return self.initial[parent][1 if is_out else 0]
-        return self.initial[name][1 if is_out else 0] if name in self.initial else None
+    def key(self, group) -> tuple:
+        root = group[0].dep
+        return self.names.get(id(root.target.module)), root.handler
+
+    def damage(self, group) -> Tuple[Optional[str], float]:
+        """``(reported layer, Σ criterion scores)`` of the channels a pruning ``group`` removes."""
+        raw = self.raw.get(self.key(group))
+        if raw is None:
+            return None, 0.0
+        name = _layer_name(self.names, group[0].dep.target.module, self.modules)
+        return name, float(raw[torch.as_tensor(group[0].idxs, dtype=torch.long)].sum())
+
+    def __call__(self, group):
+        key = self.key(group)
+        if key not in self.scores:
+            if not self.scoring:
+                raise RuntimeError(f"internal error: group rooted at {key[0]!r} was not scored "
+                                   "on the model before the budget search")
+            self._score(key, group)
+        return self.scores[key]
 
     def _must_keep(self, group) -> int:
         """How many of the group's root channels must survive for every member's cap."""
@@ -175,35 +268,147 @@ class _RoundImportance(tp.importance.Importance):
             keep = max(keep, math.ceil(member_keep * n_root / max(current, 1)))
         return min(keep, n_root)
 
-    def _key(self, group):
-        root = group[0]
-        return self.names.get(id(root.dep.target.module)), root.dep.handler
+    def _original(self, module: nn.Module, is_out: bool) -> Optional[int]:
+        name = self.names.get(id(module), "")
+        parent, _, leaf = name.rpartition(".")
+        if isinstance(self.modules.get(parent), KFEBlock) and parent in self.initial:
+            is_out = {"rotate_in": False, "rotate_out": True}.get(leaf, is_out)
+            return self.initial[parent][1 if is_out else 0]
+        return self.initial[name][1 if is_out else 0] if name in self.initial else None
 
-    def __call__(self, group):
-        key = self._key(group) + (tuple(group[0].idxs),)
-        if key not in self.cache:
-            self.cache[key] = self._score(group)
-        return self.cache[key][1]
-
-    def removed_damage(self, group) -> Optional[float]:
-        """Sum of raw scores of the channels ``group`` removes (from the whole-group scores)."""
-        raw = next((v[0] for k, v in self.cache.items() if k[:2] == self._key(group) and v[0] is not None), None)
+    def _score(self, key, group) -> None:
+        raw = self.inner(group)
+        self.raw[key] = self.scores[key] = None
         if raw is None:
-            return None
-        idxs = torch.as_tensor([int(i) for i in group[0].idxs if int(i) < len(raw)], dtype=torch.long)
-        return float(raw[idxs].sum())
-
-    def _score(self, group):
-        scores = self.inner(group)
-        if scores is None:
-            return None, None
-        raw = scores.detach().float().cpu()
+            return
+        self.raw[key] = raw = raw.detach().float().cpu()
         scores = raw.clone()
         magnitude = self.magnitude(group)
         if magnitude is not None:
-            scores = scores + self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
+            scores += self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
         scores[torch.topk(scores, self._must_keep(group)).indices] = float("inf")
-        return raw, scores
+        self.scores[key] = scores
+
+
+# -- pruning a model (or its twin) at a channel ratio ------------------------------------------
+@dataclass
+class _Setup:
+    """What every round needs besides the model and its statistics."""
+
+    example_inputs: object
+    method: object
+    ignored: List[nn.Module]
+    cap: float
+    initial: Dict[str, Tuple[int, int]]
+    global_pruning: bool
+    tp_kwargs: dict
+    timm_helper: object
+
+
+def _pruner(model, example_inputs, importance, ignored, tp_kwargs, setup: _Setup, ratio: float):
+    kwargs = dict(setup.timm_helper.pruner_kwargs(model)) if setup.timm_helper else {}
+    ignored = list(ignored) + list(kwargs.pop("ignored_layers", []))
+    kwargs.update(tp_kwargs)
+    kwargs.update({k: dict(kwargs.get(k) or {}) for k in _MUTATED_KWARGS})
+    pruner = tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                                  global_pruning=setup.global_pruning, ignored_layers=ignored, **kwargs)
+    importance.attach(model, pruner.DG)
+    return pruner
+
+
+def _groups_at(pruner, ratio: float) -> list:
+    """The groups ``pruner`` removes at channel ratio ``ratio`` (its model is not touched)."""
+    pruner.reset()
+    pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
+    return list(pruner.step(interactive=True))
+
+
+def _remove(model, pruner, groups, setup: _Setup, names: Dict[int, str]) -> None:
+    """Prune ``groups``, fix timm attention, fold unprofitable KFE blocks."""
+    for group in groups:
+        root = group[0].dep.target.module
+        with _torch_pruning_errors(f"removing channels of '{names.get(id(root), '?')}' "
+                                   f"({type(root).__name__}) and the layers coupled to it",
+                                   model, setup.example_inputs, _IGNORE_HINT):
+            group.prune()
+    if setup.timm_helper:
+        setup.timm_helper.fix_attention_after_pruning(model, pruner.num_heads)
+    fold_kfe(model, only_unprofitable=True)
+
+
+def _checked_cost(model, example_inputs) -> Cost:
+    with _torch_pruning_errors("running the pruned model", model, example_inputs, _IGNORE_HINT):
+        return measure_cost(model, example_inputs)
+
+
+def _on_meta(obj):
+    """``obj`` with every tensor (in tuples, lists, dicts) replaced by a ``meta`` tensor."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("meta")
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_on_meta(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _on_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def _twin(model: nn.Module, extra, meta: bool):
+    """Deep copy of ``(model, extra)``; ``meta=True`` puts parameters and buffers on the meta
+    device (shapes only: no storage is copied and no arithmetic is done)."""
+    memo: dict = {}
+    if meta:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            memo[id(t)] = (nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else t.detach().to("meta"))
+    return copy.deepcopy((model, extra), memo)
+
+
+class _Round:
+    """One round on ``model``: one pruner, every group scored once, candidates measured on twins."""
+
+    def __init__(self, model: nn.Module, stats, setup: _Setup):
+        self.model, self.setup = model, setup
+        self.importance = _RoundImportance(_make_importance(setup.method, stats), setup.cap, setup.initial)
+        with _torch_pruning_errors("tracing the model with Torch-Pruning", model, setup.example_inputs,
+                                   _IGNORE_HINT):
+            self.pruner = _pruner(model, setup.example_inputs, self.importance, setup.ignored,
+                                  setup.tp_kwargs, setup, 0.0)
+        _groups_at(self.pruner, 0.0)   # scores every group (ratio 0 removes nothing)
+        self.meta = True
+        self.trials = 0
+
+    def cost_at(self, ratio: float) -> Cost:
+        """What the model would cost after this round's pruning at channel ``ratio``."""
+        self.trials += 1
+        if self.meta:
+            try:
+                return self._twin_cost(ratio, meta=True)
+            except Exception:   # a forward that needs real values: measure on real copies
+                self.meta = False
+        return self._twin_cost(ratio, meta=False)
+
+    def _twin_cost(self, ratio: float, meta: bool) -> Cost:
+        twin, (ignored, tp_kwargs) = _twin(self.model, (self.setup.ignored, self.setup.tp_kwargs), meta)
+        inputs = _on_meta(self.setup.example_inputs) if meta else self.setup.example_inputs
+        importance = self.importance.for_twin()
+        with _torch_pruning_errors("tracing the model with Torch-Pruning", twin, inputs, _IGNORE_HINT):
+            pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.setup, ratio)
+        groups = list(pruner.step(interactive=True))
+        _remove(twin, pruner, groups, self.setup, importance.names)
+        return _checked_cost(twin, inputs)
+
+    def apply(self, ratio: float, stats) -> Dict[str, float]:
+        """Prune the model at channel ``ratio``; returns the predicted damage per reported layer."""
+        groups = _groups_at(self.pruner, ratio)
+        damages: Dict[str, float] = {}
+        for group in groups:
+            name, value = self.importance.damage(group)
+            if name is not None:
+                damages[name] = damages.get(name, 0.0) + value
+        if self.setup.method == "kron_obs":
+            _compensate(groups, self.pruner.DG, stats)
+        _remove(self.model, self.pruner, groups, self.setup, self.importance.names)
+        return damages
 
 
 def _compensate(groups, DG, stats):
@@ -218,39 +423,20 @@ def _compensate(groups, DG, stats):
         obs_compensation(m, stats[m], sorted(set(idxs)))
 
 
-def _prune_pass(model, stats, example_inputs, method, ratio, ignored, cap, initial, tp_kwargs,
-                timm_helper, global_pruning, cache, record_damage=True) -> Dict[str, float]:
-    """One pruning pass at channel ``ratio``; returns predicted damage per reported layer."""
-    criterion = _make_importance(method, stats)
-    importance = _RoundImportance(criterion, cap, initial, cache)
-    kwargs = dict(timm_helper.pruner_kwargs(model)) if timm_helper else {}
-    ignored = list(ignored) + list(kwargs.pop("ignored_layers", []))
-    kwargs.update(tp_kwargs)
-    pruner = tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
-                                  global_pruning=global_pruning, ignored_layers=ignored, **kwargs)
-    importance.attach(model, pruner.DG)
-    groups = list(pruner.step(interactive=True))
-    names = {id(m): n for n, m in model.named_modules()}
-    modules = dict(model.named_modules())
-    damages: Dict[str, float] = {}
-    for group in groups if record_damage else []:
-        damage = importance.removed_damage(group)
-        if damage is not None:
-            name = _layer_name(names, group[0].dep.target.module, modules)
-            damages[name] = damages.get(name, 0.0) + damage
-    if method == "kron_obs":
-        _compensate(groups, pruner.DG, stats)
-    for group in groups:
-        group.prune()
-    if timm_helper:
-        timm_helper.fix_attention_after_pruning(model, pruner.num_heads)
-    fold_kfe(model, only_unprofitable=True)
-    return damages
-
-
 def _restore(model: nn.Module, backup: nn.Module) -> None:
     model.__dict__.clear()
     model.__dict__.update(backup.__dict__)
+
+
+def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
+    ignored = list(ignored_layers or [])
+    inside = {id(m) for m in model.modules()}
+    for m in ignored:
+        if not isinstance(m, nn.Module) or id(m) not in inside:
+            raise PruneArgumentError(
+                f"ignored_layers contains {type(m).__name__}, which is not a submodule of the model; "
+                "pass the model's own layers (e.g. [model.fc])")
+    return ignored
 
 
 def prune(
@@ -292,70 +478,59 @@ def prune(
         max_layer_ratio: no layer loses more than this share of its original channels.
         global_pruning, **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner``.
         num_batches, fisher_type, loss_fn, sample_fn: passed to :func:`collect_kfac`.
+
+    Raises:
+        PruneArgumentError: bad arguments (before any work).
+        TargetUnreachableError: the target cannot be met within the caps and ``tolerance``.
+        PruningError: Torch-Pruning cannot trace / prune the model (names the module).
     """
     kind, value = _check_args(pruning_ratio, target_params, target_flops, method,
                               iterative_steps, finetune, max_layer_ratio, tp_kwargs)
+    ignored = _resolve_ignored(model, ignored_layers)
     stats_kwargs = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
                         sample_fn=sample_fn, progress=progress)
+    setup = _Setup(example_inputs=example_inputs, method=method, ignored=ignored, cap=max_layer_ratio,
+                   initial=_original_channels(model), global_pruning=global_pruning,
+                   tp_kwargs=tp_kwargs, timm_helper=_timm_integration(model))
     backup = copy.deepcopy(model)
     try:
-        return _run(model, data, example_inputs, kind, value, method, iterative_steps, finetune,
-                    list(ignored_layers or []), max_layer_ratio, global_pruning, stats_kwargs,
-                    tolerance, tp_kwargs)
+        return _run(model, data, kind, value, iterative_steps, finetune, setup, stats_kwargs, tolerance)
     except BaseException:
         _restore(model, backup)
         raise
 
 
-def _run(model, data, example_inputs, kind, value, method, k, finetune, ignored, cap,
-         global_pruning, stats_kwargs, tolerance, tp_kwargs):
-    timm_helper = _timm_integration(model)
-    before = measure_cost(model, example_inputs)
-    before_layers = layer_stats(model, example_inputs)
-    initial = _original_channels(model)
+def _run(model, data, kind, value, k, finetune, setup: _Setup, stats_kwargs, tolerance):
+    before_layers, before = layer_stats(model, setup.example_inputs)
+    current, exponent = before, 2.0
     damages: Dict[str, float] = {}
-    rounds = []
+    rounds, blocks_built = [], 0
     for r in range(1, k + 1):
-        stats = _collect(method, model, data, stats_kwargs)
-        cache: dict = {}
-        if method == "eigendamage":
-            to_kfe(model, stats, skip=ignored)
-
-        def trial(ratio: float):
-            model_copy, stats_copy = copy.deepcopy((model, stats))
-            ignored_copy = [_same_module(model, model_copy, m) for m in ignored]
-            _prune_pass(model_copy, stats_copy, example_inputs, method, ratio, ignored_copy,
-                        cap, initial, tp_kwargs, timm_helper, global_pruning, cache, record_damage=False)
-            return model_copy
-
+        stats = _collect(setup.method, model, data, stats_kwargs)
+        if setup.method == "eigendamage":
+            blocks_before = {id(b) for _, b in kfe_blocks(model)}
+            to_kfe(model, stats, skip=setup.ignored)
+            blocks_built += sum(id(b) not in blocks_before for _, b in kfe_blocks(model))
+        round_ = _Round(model, stats, setup)
         if kind == "pruning_ratio":
             keep_prev, keep_now = 1 - value * (r - 1) / k, 1 - value * r / k
             ratio = 1 - keep_now / keep_prev
         else:
             metric = "params" if kind == "target_params" else "flops"
-            goal = value ** (r / k)
-            ratio, _ = search_ratio(
-                lambda x: measure_cost(trial(x), example_inputs).fraction_of(before, metric),
-                goal, tolerance=tolerance, max_ratio=cap * 0.99)
-        round_damage = _prune_pass(model, stats, example_inputs, method, ratio, ignored, cap,
-                                   initial, tp_kwargs, timm_helper, global_pruning, cache)
+            ratio, _, exponent = search_ratio(
+                lambda x: round_.cost_at(x).fraction_of(before, metric), value ** (r / k),
+                start=current.fraction_of(before, metric), exponent=exponent,
+                tolerance=tolerance, max_ratio=setup.cap * 0.99)
+        round_damage = round_.apply(ratio, stats)
         for name, d in round_damage.items():
             damages[name] = damages.get(name, 0.0) + d
-        cost = measure_cost(model, example_inputs)
-        rounds.append({"round": r, "channel_ratio": ratio, "params_fraction": cost.fraction_of(before, "params"),
-                       "flops_fraction": cost.fraction_of(before, "flops"),
-                       "predicted_damage": sum(round_damage.values())})
+        current = _checked_cost(model, setup.example_inputs)
+        rounds.append({"round": r, "channel_ratio": ratio, "params_fraction": current.fraction_of(before, "params"),
+                       "flops_fraction": current.fraction_of(before, "flops"),
+                       "predicted_damage": sum(round_damage.values()), "search_trials": round_.trials})
         if finetune is not None:
             finetune(model, r)
-    after = measure_cost(model, example_inputs)
-    report = build_report(_method_name(method), before_layers, layer_stats(model, example_inputs),
-                          before, after, damages, rounds)
+    after_layers, after = layer_stats(model, setup.example_inputs)
+    report = build_report(_method_name(setup.method), before_layers, after_layers, before, after,
+                          damages, rounds, kfe_blocks_built=blocks_built)
     return model, report
-
-
-def _same_module(model: nn.Module, model_copy: nn.Module, module: nn.Module) -> nn.Module:
-    """The module of ``model_copy`` at the place ``module`` has in ``model``."""
-    for (_, m), (_, mc) in zip(model.named_modules(), model_copy.named_modules()):
-        if m is module:
-            return mc
-    raise PruneArgumentError("ignored_layers contains a module that is not part of the model")

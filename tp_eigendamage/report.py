@@ -6,7 +6,7 @@ are charged to it). Parameters and FLOPs come from ``torch_pruning.utils.count_o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 import torch_pruning as tp
@@ -33,9 +33,11 @@ class LayerStats:
         return f"{self.in_channels}→[{self.directions[0]}→{self.directions[1]}]→{self.out_channels}"
 
 
-def layer_stats(model: nn.Module, example_inputs) -> Dict[str, LayerStats]:
-    """Every Conv2d/Linear outside KFE blocks, and every KFE block, by qualified name."""
-    _, _, flops, params = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+def layer_stats(model: nn.Module, example_inputs) -> Tuple[Dict[str, LayerStats], Cost]:
+    """Every Conv2d/Linear outside KFE blocks, and every KFE block, by qualified name; and the
+    model's total :class:`Cost` (from the same count)."""
+    total_flops, total_params, flops, params = tp.utils.count_ops_and_params(
+        model, example_inputs, layer_wise=True)
     cost = lambda mods, table: int(sum(table.get(m) or 0 for m in mods))  # noqa: E731
     rows: Dict[str, LayerStats] = {}
     inside_blocks = set()
@@ -54,7 +56,7 @@ def layer_stats(model: nn.Module, example_inputs) -> Dict[str, LayerStats]:
             rows[name] = LayerStats(kind=a.kind, in_channels=a.in_features(module),
                                     out_channels=a.out_features(module),
                                     params=cost([module], params), flops=cost([module], flops))
-    return rows
+    return rows, Cost(params=int(total_params), flops=int(total_flops))
 
 
 @dataclass
@@ -74,6 +76,17 @@ class PruneReport:
     after: Cost
     rows: List[LayerRow]
     rounds: List[dict] = field(default_factory=list)
+    kfe_blocks_built: int = 0
+
+    @property
+    def kfe_blocks_kept(self) -> int:
+        """KFE blocks still in the pruned model (their bottleneck pays)."""
+        return sum(1 for r in self.rows if r.after is not None and r.after.directions is not None)
+
+    @property
+    def kfe_blocks_folded(self) -> int:
+        """KFE blocks built during pruning and folded back into one dense layer."""
+        return self.kfe_blocks_built - self.kfe_blocks_kept
 
     @property
     def params_fraction(self) -> float:
@@ -91,6 +104,8 @@ class PruneReport:
             "params_fraction": self.params_fraction,
             "flops_fraction": self.flops_fraction,
             "rounds": self.rounds,
+            "kfe_blocks": {"built": self.kfe_blocks_built, "kept": self.kfe_blocks_kept,
+                           "folded": self.kfe_blocks_folded},
             "layers": [
                 {"name": r.name, "before": asdict(r.before),
                  "after": None if r.after is None else asdict(r.after),
@@ -118,6 +133,9 @@ class PruneReport:
         out += [rule,
                 f"params {self.before.params:,} → {self.after.params:,} ({self.params_fraction:.1%}); "
                 f"FLOPs {_si(self.before.flops)} → {_si(self.after.flops)} ({self.flops_fraction:.1%})"]
+        if self.kfe_blocks_built:
+            out.append(f"KFE blocks: {self.kfe_blocks_built} built, {self.kfe_blocks_kept} kept, "
+                       f"{self.kfe_blocks_folded} folded back")
         return "\n".join(out)
 
 
@@ -129,7 +147,9 @@ def _si(x: float) -> str:
 
 
 def build_report(method: str, before_layers: Dict[str, LayerStats], after_layers: Dict[str, LayerStats],
-                 before: Cost, after: Cost, damages: Dict[str, float], rounds: List[dict]) -> PruneReport:
+                 before: Cost, after: Cost, damages: Dict[str, float], rounds: List[dict],
+                 kfe_blocks_built: int = 0) -> PruneReport:
     rows = [LayerRow(name, stats, after_layers.get(name), damages.get(name, 0.0))
             for name, stats in before_layers.items()]
-    return PruneReport(method=method, before=before, after=after, rows=rows, rounds=rounds)
+    return PruneReport(method=method, before=before, after=after, rows=rows, rounds=rounds,
+                       kfe_blocks_built=kfe_blocks_built)
