@@ -12,6 +12,8 @@ increase, pooled over all channels (what global pruning ranks) and averaged with
 """
 import argparse
 import copy
+import os
+import sys
 
 import numpy as np
 import torch
@@ -23,40 +25,13 @@ from scipy.stats import spearmanr
 from tp_eigendamage import collect_kfac
 from tp_eigendamage.importance import KroneckerOBDImportance
 
-
-class ResidualCNN(nn.Module):
-    def __init__(self, width=16):
-        super().__init__()
-        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(width)
-        self.c1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.c2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.c3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
-        x = F.relu(self.bn3(self.c3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def digits(n=512, batch_size=128):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images[:n], dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target[:n])
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from _importance_nets import DigitsNet, digits_batches  # noqa: E402  (the tests' residual CNN)
 
 
 def train(steps, seed, batches):
     torch.manual_seed(seed)
-    model = ResidualCNN()
+    model = DigitsNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for step in range(steps):
@@ -108,7 +83,7 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100], help="training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    batches = digits()
+    batches = digits_batches(n=512)
     print("Spearman ρ (predicted Kron-OBD group damage vs measured loss increase of removing the "
           "channel)")
     print(f"{'steps':>5} {'seed':>4} {'loss':>7} {'channels':>8} | {'consumer pooled':>15} "

@@ -1,4 +1,6 @@
 """EigenDamage / Kron-OBD / Kron-OBS / C-OBD importances against independent references."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -196,6 +198,54 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
                                rtol=1e-4, atol=1e-12)
 
 
+def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
+    """Outer channels pruned on both sides of a KFE block (the residual stream it reads, the
+    channels it writes) and directions inside it: outer scores are Kron-OBD of the remaining
+    ``Q_S' W*' Q_A'ᵀ`` with the ORIGINAL factors restricted to the channels left, direction
+    scores are damage_in / damage_out of the directions left."""
+    model, batches = tiny_setup()
+    empirical = lambda: collect_kfac(model, batches, fisher_type="empirical", progress=False)  # noqa: E731
+    stats = empirical()
+    f = stats[model.c1]
+    A, S = f.input_factor.double(), f.grad_factor.double()
+    block, W_star, lam_a, lam_s = hand_built_kfe(model.c1, f)
+    _, Q_A, _, Q_S = f.eigen()
+    model.c1 = block
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
+    DG.get_pruning_group(model.stem, tp.prune_conv_out_channels, [1, 6]).prune()          # inputs
+    DG.get_pruning_group(block.rotate_out, tp.prune_conv_out_channels, [1, 5]).prune()    # outputs
+    DG.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 3]).prune()     # directions
+    DG.get_pruning_group(block.core, tp.prune_conv_out_channels, [2]).prune()
+    s_in, s_out = [0, 2, 3, 4, 5, 7], [0, 2, 3, 4, 6, 7]
+    j_in, j_out = [1, 2, 4, 5, 6, 7], [0, 1, 3, 4, 5, 6, 7]
+    W_kept = W_star[j_out][:, j_in]
+    w = torch.einsum("or,rskl,is->oikl", Q_S[s_out][:, j_out], W_kept, Q_A[s_in][:, j_in])
+    A_r, S_r = A[s_in][:, s_in], S[s_out][:, s_out]
+    fisher = torch.outer(lam_s[j_out], lam_a[j_in])
+
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    imp = EigenDamageImportance(empirical)
+    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(),
+                               0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher).sum(0), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(),
+                               0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher).sum(1), rtol=1e-4, atol=1e-12)
+    # producer side of the channels the block writes: ½ S_cc Σ_k w_c,:,kᵀ A w_c,:,k
+    out_ref = 0.5 * S_r.diagonal() * torch.einsum("cikl,ij,cjkl->c", w, A_r, w)
+    torch.testing.assert_close(imp(group_with(DG, groups, block.rotate_out, "out")).double(), out_ref,
+                               rtol=1e-3, atol=1e-10)
+    # consumer side of the residual stream: the block (½ A_cc Σ_k w_:,c,kᵀ S w_:,c,k) + the rest
+    fresh = kron_score(empirical())
+
+    def score(layer, use, c):
+        if layer is block.rotate_in:
+            return 0.5 * A_r[c, c].item() * torch.einsum("okl,op,pkl->", w[:, c], S_r, w[:, c]).item()
+        return fresh(layer, use, c)
+
+    stem_group = group_with(DG, groups, model.stem, "out")
+    torch.testing.assert_close(EigenDamageImportance(empirical, side="consumer")(stem_group).double(),
+                               group_reference(DG, stem_group, score, "consumer"), rtol=1e-3, atol=1e-10)
+
+
 def test_eigendamage_predicts_measured_loss_of_removing_directions():
     """Spearman ≥ 0.8 between the predicted damage_in/damage_out of each of the 48
     eigen-directions of a KFE block and the measured loss increase when its core column/row is
@@ -301,29 +351,42 @@ def test_base_pruner_resnet18(criterion, global_pruning):
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-@pytest.mark.parametrize("global_pruning", [True, False])
-def test_base_pruner_resnet18_after_to_kfe(global_pruning):
-    """EigenDamage on a KFE-rewritten resnet18: eigen-directions and residual channels are pruned
-    in one pass by Torch-Pruning and the model still runs."""
+@pytest.fixture(scope="module")
+def kfe_resnet18():
     from tp_eigendamage.kfe import to_kfe
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False).eval()
-    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
-    example = torch.randn(2, 3, 32, 32)
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
     stats = collect_kfac(model, data, progress=False)
-    to_kfe(model, stats)
+    return to_kfe(model, stats), stats
+
+
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_base_pruner_resnet18_after_to_kfe(kfe_resnet18, round_to):
+    """EigenDamage on a KFE-rewritten resnet18 in two Torch-Pruning steps: the first removes
+    outer (residual) channels of blocks, the second scores those blocks again from their
+    stored bases; eigen-directions and residual channels go in the same pass, the model runs."""
+    model, stats = copy.deepcopy(kfe_resnet18)
+    example = torch.randn(2, 3, 32, 32)
     blocks = [m for m in model.modules() if isinstance(m, KFEBlock)]
     directions0 = [b.core.in_channels for b in blocks]
-    params0 = sum(p.numel() for p in model.parameters())
+    params = [sum(p.numel() for p in model.parameters())]
     pruner = tp.pruner.BasePruner(model, example, importance=EigenDamageImportance(stats),
-                                  pruning_ratio=0.3, global_pruning=global_pruning,
-                                  ignored_layers=[model.get_classifier()])
-    pruner.step()
+                                  pruning_ratio=0.5, global_pruning=True, iterative_steps=2,
+                                  round_to=round_to, ignored_layers=[model.get_classifier()])
+    widths0 = {m: m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for step in range(2):
+        pruner.step()
+        params.append(sum(p.numel() for p in model.parameters()))
+        if step == 0:
+            assert any(b.rotate_in.in_channels < b.basis_in.shape[0] for b in blocks)
     out = model(example)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert sum(p.numel() for p in model.parameters()) < 0.9 * params0
+    assert params[2] < params[1] < params[0]
     assert any(b.core.in_channels < d for b, d in zip(blocks, directions0))
+    if round_to:
+        assert all(m.out_channels % 8 == 0 for m, w in widths0.items() if m.out_channels != w)
 
 
 def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():

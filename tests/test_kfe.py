@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from tp_eigendamage import StaleStatisticsError, collect_kfac
-from tp_eigendamage.kfe import KFEBlock, KFEError, fold_kfe, kfe_blocks, to_kfe
+from tp_eigendamage.kfe import KFEBlock, KFEError, StaleBasisError, fold_kfe, kfe_blocks, to_kfe
 
 
 @pytest.fixture(autouse=True)
@@ -172,6 +172,91 @@ def test_surviving_directions_after_pruning():
         block.rotate_in.weight.add_(1e-3 * torch.randn_like(block.rotate_in.weight))
         block.rotate_out.weight.add_(1e-3 * torch.randn_like(block.rotate_out.weight))
     assert [t.tolist() for t in block.surviving_directions()] == [in_idx.tolist(), out_idx.tolist()]
+
+
+def prune_outer(model, x, layer, idxs):
+    """Remove output channels of ``layer`` and everything coupled to them (Torch-Pruning)."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+    DG.get_pruning_group(layer, fn, idxs=list(idxs)).prune()
+
+
+def kept(n, removed):
+    return [i for i in range(n) if i not in removed]
+
+
+def test_surviving_outer_channels_and_directions_after_pruning_both_sides():
+    """Outer channels removed on both sides of a block (through its neighbours) and directions
+    removed inside it: the indices recovered are exactly those left by construction."""
+    model, x = small_net()
+    to_kfe(model, stats_of(model, x))
+    block = model.conv2
+    prune_outer(model, x, model.conv1.rotate_out, [2, 5])        # conv2's inputs (conv1's outputs)
+    prune_outer(model, x, block.rotate_out, [0, 7, 11])          # conv2's outputs (dw, bn, tok read them)
+    prune_directions(model, x, block, in_idxs=[1, 4], out_idxs=[3, 6])
+    assert block.rotate_in.weight.shape[:2] == (6, 6) and block.rotate_out.weight.shape[:2] == (9, 10)
+    s = block.surviving()
+    assert s.channels_in.tolist() == kept(8, [2, 5])
+    assert s.channels_out.tolist() == kept(12, [0, 7, 11])
+    assert s.directions_in.tolist() == kept(8, [1, 4])
+    assert s.directions_out.tolist() == kept(12, [3, 6])
+    assert [t.tolist() for t in block.surviving_directions()] == [kept(8, [1, 4]), kept(12, [3, 6])]
+    assert model.conv1.surviving_outer()[1].tolist() == kept(8, [2, 5])
+    assert model.tok.surviving_outer()[0].tolist() == kept(12, [0, 7, 11])
+    # current indices 0 and 8 of the output directions are the stored ones 0 and 10
+    prune_directions(model, x, block, in_idxs=[0], out_idxs=[0, 8])
+    assert block.surviving_directions()[0].tolist() == kept(8, [0, 1, 4])
+    assert block.surviving_directions()[1].tolist() == kept(12, [0, 3, 6, 10])
+    # keep_surviving_buffers cuts the buffers to what the layers still hold
+    block.keep_surviving_buffers()
+    assert torch.equal(block.basis_in.T, block.rotation_in_matrix().detach())
+    assert torch.equal(block.basis_out, block.rotation_out_matrix().detach())
+    assert block.fisher_diag.shape == (8, 5) and block.eigen_in.shape == (5,)
+    # re-rotation re-bases every block on its current outer channels and directions
+    with torch.no_grad():
+        y = model(x)
+    to_kfe(model, stats_of(model, x))
+    with torch.no_grad():
+        assert rel(model(x), y) <= 1e-5
+    assert block.basis_in.shape == (6, 5) and block.basis_out.shape == (9, 8)
+    for name in ("conv1", "conv2", "tok"):
+        s, b = getattr(model, name).surviving(), getattr(model, name)
+        assert [t.tolist() for t in s] == [list(range(n)) for n in (
+            b.eigen_in.numel(), b.eigen_out.numel(), b.basis_in.shape[0], b.basis_out.shape[0])]
+
+
+def test_surviving_on_bases_with_repeated_entries():
+    """A basis with a block of repeated values (0 and 1, as eigh gives for dead channels): the
+    dense part is identified exactly; in the 0/1 part the remaining weights fit several choices
+    and the one returned reproduces them exactly with distinct indices."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    basis = torch.block_diag(q, torch.eye(3, dtype=torch.float64)[[2, 0, 1]]).float()  # 7 × 7
+    rows, cols = [0, 1, 3, 4, 6], [0, 2, 3, 5, 6]
+    rotate_in = nn.Linear(5, 5, bias=False)
+    rotate_out = nn.Linear(7, 7, bias=False)
+    with torch.no_grad():
+        rotate_in.weight.copy_(basis[rows][:, cols].T)
+        rotate_out.weight.copy_(basis)
+    block = KFEBlock(rotate_in, nn.Linear(5, 5, bias=False), rotate_out,
+                     torch.rand(7), torch.rand(7), basis, basis.clone(), torch.rand(7, 7))
+    s = block.surviving()
+    assert s.channels_out.tolist() == list(range(7)) and s.directions_out.tolist() == list(range(7))
+    assert s.channels_in[:3].tolist() == rows[:3] and s.directions_in[:3].tolist() == cols[:3]
+    assert len(set(s.channels_in.tolist())) == 5 and len(set(s.directions_in.tolist())) == 5
+    assert torch.equal(basis[s.channels_in][:, s.directions_in].T, rotate_in.weight.detach())
+
+
+def test_changed_rotations_with_pruned_outer_channels_raise():
+    model, x = small_net()
+    to_kfe(model, stats_of(model, x))
+    block = model.conv2
+    with torch.no_grad():   # fine-tuned: outer channels intact, so |cos| matching still works
+        block.rotate_in.weight.add_(1e-3 * torch.randn_like(block.rotate_in.weight))
+    assert block.surviving_directions()[0].tolist() == list(range(8))
+    prune_outer(model, x, model.conv1.rotate_out, [3])
+    with pytest.raises(StaleBasisError, match="input channels were pruned.*to_kfe"):
+        block.surviving()
 
 
 def test_two_rounds_stay_three_stages_and_rerotation_after_pruning_preserves_function():

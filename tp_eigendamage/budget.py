@@ -41,10 +41,11 @@ def search_ratio(achieved: Callable[[float], float], target: float, *, start: fl
     ``r`` of the channels; it does not increase with ``r`` and ``achieved(0) = start``. The
     search models ``achieved(r) ≈ start · (1 − r)^p``, a straight line in ``x = −log(1 − r)``,
     ``y = log achieved``: the first guess uses ``p = exponent`` (2 for channels pruned on both
-    sides of every layer; pass the previous round's value), later ones are secant steps
-    through the last two points, regula falsi once the target is bracketed, with bisection
-    when a step would land near a bracket end. Returns ``(r, achieved(r), p)`` with ``p`` the
-    exponent the result implies (for the next round's first guess).
+    sides of every layer; pass the previous round's value). Until the target is bracketed, the
+    line through the last two points is extrapolated (at most doubling ``x``: EigenDamage
+    saves nothing until KFE bottlenecks start to pay, then a lot); then Illinois regula falsi,
+    with bisection when a step would land next to a bracket end. Returns
+    ``(r, achieved(r), p)`` with ``p`` the exponent the result implies (the next round's guess).
     """
     if abs(start / target - 1) <= tolerance:
         return 0.0, start, exponent
@@ -53,10 +54,10 @@ def search_ratio(achieved: Callable[[float], float], target: float, *, start: fl
             f"the model already costs {start:.3f} of the original before pruning this round, "
             f"below the target {target:.3f}")
     x_max, y_goal = -math.log1p(-max_ratio), math.log(target)
-    above = [(0.0, math.log(start))]          # points (x, y) with y above the goal, by x
-    below: list = []                          # points with y below the goal, by x
+    lo, hi = (0.0, math.log(start) - y_goal), None   # (x, y − y_goal): above / below the goal
+    previous, kept = lo, None
     best = (0.0, start)
-    x = min((above[0][1] - y_goal) / max(exponent, 1e-3), x_max)
+    x = min(lo[1] / max(exponent, 1e-3), x_max)
     for _ in range(max_trials):
         r = -math.expm1(-x)
         f = achieved(r)
@@ -68,12 +69,26 @@ def search_ratio(achieved: Callable[[float], float], target: float, *, start: fl
             raise TargetUnreachableError(
                 f"the target {target:.3f} is out of reach: pruning as much as the per-layer caps "
                 f"and ignored layers allow still leaves {f:.3f}; raise the target or max_layer_ratio")
-        (above if f > target else below).append((x, math.log(f)))
-        above.sort()
-        below.sort()
-        x = _next_x(above, below, y_goal, x_max)
-        if x is None:
+        point = (x, math.log(f) - y_goal)
+        if hi is None and point[1] > 0:           # still above: extrapolate the last two points
+            slope = (point[1] - previous[1]) / (point[0] - previous[0])
+            step = -point[1] / slope if slope < 0 else point[0]
+            x = min(point[0] + min(max(step, 0.1 * point[0]), point[0]), x_max)
+            previous = lo = point
+            continue
+        moved = "lo" if point[1] > 0 else "hi"
+        if moved == "lo":
+            lo = point
+        else:
+            hi = point
+        if kept == moved:                         # Illinois: the other end went stale
+            lo, hi = (lo, (hi[0], hi[1] / 2)) if moved == "lo" else ((lo[0], lo[1] / 2), hi)
+        kept = moved
+        if hi[0] - lo[0] < 1e-6:
             break
+        secant = lo[0] + lo[1] * (hi[0] - lo[0]) / (lo[1] - hi[1])
+        margin = 0.05 * (hi[0] - lo[0])
+        x = secant if lo[0] + margin < secant < hi[0] - margin else 0.5 * (lo[0] + hi[0])
     raise TargetUnreachableError(
         f"could not land within {tolerance:.0%} of the target {target:.3f}; closest reached "
         f"{best[1]:.3f} (channel granularity too coarse: use a larger model or input, or a "
@@ -85,17 +100,3 @@ def _exponent(start: float, r: float, f: float, default: float) -> float:
     if r <= 0 or f >= start:
         return default
     return math.log(f / start) / math.log1p(-r)
-
-
-def _next_x(above, below, y_goal: float, x_max: float):
-    """Next candidate ``x``; None once the bracket is narrower than any channel step."""
-    (x0, y0), (x1, y1) = (above[-2:] if not below else (above[-1], below[0]))
-    if not below:   # not bracketed yet: extrapolate, at least 10 % further, at most x_max
-        slope = (y1 - y0) / (x1 - x0)
-        step = (y_goal - y1) / slope if slope < 0 else x1
-        return min(max(x1 + step, 1.1 * x1), x_max)
-    if x1 - x0 < 1e-6:
-        return None
-    secant = x0 + (y_goal - y0) * (x1 - x0) / (y1 - y0)
-    margin = 0.05 * (x1 - x0)
-    return secant if x0 + margin < secant < x1 - margin else 0.5 * (x0 + x1)

@@ -15,16 +15,13 @@ from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from . import fisher
 from .kfac import (
-    KFACError,
     StaleStatisticsError,
-    _model_device,
-    _select_modules,
-    _to_device,
+    OutputTap,
     default_batch_fn,
     default_forward_fn,
-    preserved_model_state,
+    fisher_passes,
+    select_modules,
 )
 from .layers import adapter_for
 
@@ -60,22 +57,23 @@ class FisherDiagStats(Mapping):
         return len(self._diagonals)
 
 
-class _SquaredGradCollector:
-    def __init__(self, module: nn.Module):
-        self.module, self.adapter, self.sum = module, adapter_for(module), None
+class _SquaredGradCollector(OutputTap):
+    """Accumulates ``Σ_n G_n ⊙ G_n`` from the layer's input and output gradient."""
 
-    def forward_hook(self, module, inputs, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            x = inputs[0]
-            output.register_hook(lambda g: self._accumulate(x, g))
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self.sum: Optional[torch.Tensor] = None
 
-    def _accumulate(self, x, g):
+    def on_grad(self, x, g):
         per_example = max(1, self.module.weight.numel())
         chunk = max(1, CHUNK_ELEMENTS // per_example)
         for start in range(0, x.shape[0], chunk):
             grads = self.adapter.per_example_grads(self.module, x[start:start + chunk], g[start:start + chunk])
             sq = grads.square().sum(0)
             self.sum = sq if self.sum is None else self.sum + sq
+
+    def non_finite(self) -> Optional[str]:
+        return None if self.sum is None or torch.isfinite(self.sum).all() else "per-example gradients"
 
 
 def collect_fisher_diag(
@@ -93,41 +91,16 @@ def collect_fisher_diag(
 ) -> FisherDiagStats:
     """Diagonal Fisher ``E_n[G_n²]`` of every Conv2d / Linear (or ``modules``).
 
-    Arguments mean what they mean in :func:`collect_kfac`. Models must be batch-first (the
-    per-example gradient of example n sums over every other axis). The model is left as found.
+    Arguments mean what they mean in :func:`collect_kfac` (same Fisher passes, batch handling,
+    label sampling, errors and model-state restoration). Models must be batch-first (the
+    per-example gradient of example n sums over every other axis).
     """
-    if fisher_type not in fisher.FISHER_TYPES:
-        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
-    loss_fn = loss_fn or fisher.cross_entropy
-    sample_fn = sample_fn or fisher.sample_categorical
-    collectors = [_SquaredGradCollector(m) for _, m in
-                  _select_modules(model, None if modules is None else list(modules))]
-    names = {m: n for n, m in model.named_modules()}
-    device, params = _model_device(model), list(model.parameters())
-    num_examples, handles = 0.0, []
-
-    from tqdm.auto import tqdm
-
-    try:
-        with preserved_model_state(model):
-            handles = [c.module.register_forward_hook(c.forward_hook) for c in collectors]
-            for step, batch in enumerate(tqdm(data, desc="diagonal Fisher", disable=not progress, leave=False)):
-                if num_batches is not None and step >= num_batches:
-                    break
-                inputs, targets = (_to_device(t, device) for t in batch_fn(batch))
-                outputs = forward_fn(model, inputs)
-                if fisher_type == "true":
-                    targets = sample_fn(outputs)
-                elif targets is None:
-                    raise KFACError("fisher_type='empirical' needs targets in every batch")
-                losses = loss_fn(outputs, targets)
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
-                num_examples += losses.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-    if num_examples == 0:
-        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+    collectors = [_SquaredGradCollector(n, m) for n, m in
+                  select_modules(model, None if modules is None else list(modules))]
+    num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
+                                 fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
+                                 batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
+                                 desc="diagonal Fisher")
     done = [c for c in collectors if c.sum is not None]
     return FisherDiagStats({c.module: c.sum / num_examples for c in done},
-                           {c.module: names.get(c.module, "?") for c in done}, num_examples, model)
+                           {c.module: c.name for c in done}, num_examples, model)

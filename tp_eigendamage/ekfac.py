@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .kfac import collect_kfac, default_batch_fn, default_forward_fn
+from .kfac import OutputTap, default_batch_fn, default_forward_fn, fisher_passes
 from .kfe import KFEBlock, KFEError, kfe_blocks
 from .layers import adapter_for
 
@@ -32,25 +32,21 @@ from .layers import adapter_for
 CHUNK_ELEMENTS = 2 ** 24
 
 
-class _CoreRecorder:
-    """Hooks on one core: keeps ``(x, g)`` of every call and folds a batch into ``Σ_n Σ_k G_n²``."""
+class _CoreRecorder(OutputTap):
+    """Keeps ``(x, g)`` of every call of one core and folds each batch into ``Σ_n Σ_k G_n²``."""
 
     def __init__(self, name: str, block: KFEBlock):
-        self.name, self.block, self.core = name, block, block.core
-        self.adapter = adapter_for(block.core)
-        self.calls: List[List[Optional[torch.Tensor]]] = []
+        super().__init__(name, block.core)
+        self.block, self.core = block, block.core
+        self.calls: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sq_sum: Optional[torch.Tensor] = None
 
-    def forward_hook(self, module, inputs, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            call = [inputs[0].detach(), None]
-            self.calls.append(call)
-            output.register_hook(lambda g: call.__setitem__(1, g.detach()))
+    def on_grad(self, x, grad):
+        self.calls.append((x.detach(), grad.detach()))
 
-    def flush(self) -> None:
+    def end_batch(self) -> None:
         """``Σ_n Σ_k (Σ_calls G_n)²`` of the batch just back-propagated, in example chunks."""
-        calls = [(x, g) for x, g in self.calls if g is not None]
-        self.calls = []
+        calls, self.calls = self.calls, []
         if not calls:
             return
         out_f, in_f = self.core.weight.shape[:2]
@@ -62,6 +58,10 @@ class _CoreRecorder:
                     for x, g in calls)
             total += G[:, 0].double().pow(2).sum(dim=(0, 3))
         self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
+
+    def non_finite(self) -> Optional[str]:
+        ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
+        return None if ok else "per-example gradients in the KFE"
 
 
 def _all_reduce(tensors: List[torch.Tensor]) -> None:
@@ -86,9 +86,10 @@ def fit_eigen_correction(
 ) -> Dict[str, torch.Tensor]:
     """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``.
 
-    The Fisher passes are :func:`~tp_eigendamage.collect_kfac`'s (same arguments, same batch
-    handling, label sampling, model-state restoration and errors; one model forward per batch);
-    hooks on the cores record per-example gradients, vectorized over the batch. Afterwards each
+    The Fisher passes are :func:`~tp_eigendamage.kfac.fisher_passes` (as for
+    :func:`~tp_eigendamage.collect_kfac`: same arguments, batch handling, label sampling,
+    model-state restoration and errors); taps on the cores record per-example gradients,
+    vectorized over the batch. Afterwards each
     block's buffers are cut to its surviving directions (:meth:`KFEBlock.keep_surviving_buffers`),
     ``fisher_diag`` is ``(r_out_now, r_in_now)`` in the core's channel order and
     ``block.eigen_corrected`` is True. Returns ``{block name: fisher_diag}``.
@@ -98,38 +99,15 @@ def fit_eigen_correction(
     if not blocks:
         raise KFEError("the model has no KFE blocks; call to_kfe(model, stats) first")
     recorders = [_CoreRecorder(name, blk) for name, blk in blocks]
-    handles = []
-
-    def before_forward(*_):
-        """Flush the previous batch (its backward is done); hook the cores on the first call.
-
-        Hooked lazily, after collect_kfac's own hooks, so the tensor hooks sit on the output
-        the rest of the model actually consumes (collect_kfac's hooks may replace it).
-        """
-        if len(handles) == 1:
-            handles.extend(r.core.register_forward_hook(r.forward_hook) for r in recorders)
-        for r in recorders:
-            r.flush()
-
-    handles.append(model.register_forward_pre_hook(before_forward))
-    try:
-        stats = collect_kfac(model, data, num_batches=num_batches, fisher_type=fisher_type,
-                             factor_mode="channel", loss_fn=loss_fn, sample_fn=sample_fn,
-                             modules=[r.core for r in recorders], batch_fn=batch_fn,
-                             forward_fn=forward_fn, progress=progress)
-        before_forward()
-    finally:
-        for h in handles:
-            h.remove()
+    num_examples = fisher_passes(model, data, recorders, num_batches=num_batches,
+                                 fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
+                                 batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
+                                 desc="EK-FAC refit")
+    idle = [r.name for r in recorders if r.sq_sum is None]
+    if idle:
+        raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")
     _all_reduce([r.sq_sum for r in recorders])
-    refits: List[Tuple[_CoreRecorder, torch.Tensor]] = []
-    for r in recorders:
-        K = r.adapter.kernel_numel(r.core)
-        F = r.sq_sum / (stats.num_examples * K)
-        if not torch.isfinite(F).all():
-            raise KFEError(f"non-finite per-example gradients at the core of '{r.name}'; check "
-                           "the inputs, weights and loss")
-        refits.append((r, F))
+    refits = [(r, r.sq_sum / (num_examples * r.adapter.kernel_numel(r.core))) for r in recorders]
     for r, F in refits:
         r.block.keep_surviving_buffers()
         r.block.fisher_diag = F.to(r.block.fisher_diag.device, r.block.fisher_diag.dtype)

@@ -21,7 +21,6 @@ The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_fac
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import fisher
-from .layers import FACTOR_MODES, LayerAdapter, adapter_for
+from .layers import FACTOR_MODES, adapter_for
 
 
 class KFACError(ValueError):
@@ -250,14 +249,157 @@ def preserved_model_state(model: nn.Module):
             p.requires_grad_(flag)
 
 
-# -- collection -----------------------------------------------------------------------------
-class _LayerCollector:
-    """Forward hook on one layer: records ``Σ a aᵀ`` now and ``Σ g gᵀ`` when ``g`` arrives."""
+# -- Fisher passes -----------------------------------------------------------------------------
+class OutputTap:
+    """Observer of one layer during a Fisher pass: sees its input ``a`` at forward and
+    ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
-    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, factor_mode: str):
-        self.name, self.module, self.adapter, self.factor_mode = name, module, adapter, factor_mode
-        self.factors: Optional[KFACFactors] = None
+    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`end_batch` and
+    :meth:`non_finite`. The forward hook returns ``output + probe`` with ``probe`` a zero scalar
+    leaf: differentiating the loss w.r.t. the probes alone reaches every layer output without
+    computing any weight gradient. The tensor hook sees the gradient of the value the layer
+    produced, even if a later op (an inplace activation) overwrites that tensor.
+    """
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module, self.adapter = name, module, adapter_for(module)
         self.probes: List[torch.Tensor] = []
+
+    def on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Called with the layer's input and output at every call."""
+
+    def on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Called with the input of a call and ``∂(Σ_n ℓ_n)/∂output`` of that call."""
+
+    def end_batch(self) -> None:
+        """Called after each batch's backward pass."""
+
+    def non_finite(self) -> Optional[str]:
+        """Name of what went non-finite in this layer's sums, if anything."""
+        return None
+
+    def forward_hook(self, module, inputs, output):
+        if not torch.is_grad_enabled():
+            return None
+        x = inputs[0]
+        self.on_forward(x, output)
+        probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        self.probes.append(probe)
+        output = output + probe
+        output.register_hook(lambda grad: self.on_grad(x, grad))
+        return output
+
+    def take_probes(self) -> List[torch.Tensor]:
+        probes, self.probes = self.probes, []
+        return probes
+
+
+def _raise_if_non_finite(taps: List[OutputTap], step: int) -> None:
+    for tap in taps:
+        bad = tap.non_finite()
+        if bad is not None:
+            raise KFACError(
+                f"non-finite {bad} at layer '{tap.name}' in batch {step}; check the inputs, the "
+                "model's weights and the loss (e.g. lower the learning rate)")
+
+
+def check_fisher_args(fisher_type: str, num_batches, sample_fn) -> None:
+    if fisher_type not in fisher.FISHER_TYPES:
+        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise KFACError(f"num_batches={num_batches!r}; pass a positive integer or None")
+    if sample_fn is not None and fisher_type == "empirical":
+        raise KFACError("sample_fn= only applies to fisher_type='true'")
+
+
+def fisher_passes(
+    model: nn.Module,
+    data: Iterable,
+    taps: List[OutputTap],
+    *,
+    num_batches: Optional[int] = None,
+    fisher_type: str = "true",
+    loss_fn: Optional[Callable] = None,
+    sample_fn: Optional[Callable] = None,
+    batch_fn: Callable = default_batch_fn,
+    forward_fn: Callable = default_forward_fn,
+    progress: bool = True,
+    desc: str = "Fisher passes",
+) -> float:
+    """One forward and one per-example-loss backward per batch with ``taps`` hooked.
+
+    The backward pass differentiates ``Σ_n ℓ_n`` (``ℓ_n`` from ``loss_fn``, labels drawn by
+    ``sample_fn`` for the true Fisher) down to the tapped layer outputs only. Runs in eval mode
+    and leaves the model as found (:func:`preserved_model_state`, hooks removed), also on
+    errors. Returns the number of examples seen.
+    """
+    check_fisher_args(fisher_type, num_batches, sample_fn)
+    loss_fn = loss_fn or fisher.cross_entropy
+    sample_fn = sample_fn or fisher.sample_categorical
+    device = _model_device(model)
+    try:
+        total = len(data)
+    except TypeError:
+        total = None
+    if num_batches is not None:
+        total = num_batches if total is None else min(total, num_batches)
+
+    from tqdm.auto import tqdm
+
+    handles, bar, num_examples = [], None, 0.0
+    try:
+        with preserved_model_state(model):
+            handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
+            bar = tqdm(data, total=total, desc=desc, disable=not progress, leave=False)
+            for step, batch in enumerate(bar):
+                if num_batches is not None and step >= num_batches:
+                    break
+                inputs, targets = batch_fn(batch)
+                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                try:
+                    outputs = forward_fn(model, inputs)
+                except Exception as exc:
+                    raise KFACError(
+                        f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
+                        "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
+                _raise_if_non_finite(taps, step)
+                if fisher_type == "true":
+                    targets = sample_fn(outputs)
+                elif targets is None:
+                    raise KFACError("fisher_type='empirical' needs targets in every batch; "
+                                    "the batch has none (or use fisher_type='true')")
+                losses = loss_fn(outputs, targets)
+                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
+                        and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
+                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                    raise KFACError(
+                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
+                        "use reduction='none' so the factors are scaled per example")
+                probes = [p for t in taps for p in t.take_probes()]
+                if probes and losses.requires_grad:
+                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
+                for t in taps:
+                    t.end_batch()
+                _raise_if_non_finite(taps, step)
+                num_examples += losses.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    if num_examples == 0:
+        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+    return num_examples
+
+
+# -- K-FAC factors ------------------------------------------------------------------------------
+class _LayerCollector(OutputTap):
+    """Records ``Σ a aᵀ`` at forward and ``Σ g gᵀ`` at backward for one layer."""
+
+    def __init__(self, name: str, module: nn.Module, factor_mode: str):
+        super().__init__(name, module)
+        self.factor_mode = factor_mode
+        self.factors: Optional[KFACFactors] = None
 
     def _ensure(self, device) -> KFACFactors:
         if self.factors is None:
@@ -271,34 +413,15 @@ class _LayerCollector:
                 has_bias=getattr(m, "bias", None) is not None)
         return self.factors
 
-    def forward_hook(self, module, inputs, output):
-        """Accumulate ``Σ a aᵀ``; return ``output + probe`` with a tensor hook for ``g``.
-
-        ``probe`` is a zero scalar leaf: differentiating the loss w.r.t. the probes alone
-        reaches every layer output without computing any weight gradient. The tensor hook
-        sees the gradient of the value the layer produced, even if a later op (an inplace
-        activation) overwrites that tensor.
-        """
-        if not torch.is_grad_enabled():
-            return None
-        x = inputs[0]
+    def on_forward(self, x, output):
         f = self._ensure(x.device)
-        xx, xsum, count = self.adapter.input_moments(module, x, output.shape, self.factor_mode)
+        xx, xsum, count = self.adapter.input_moments(self.module, x, output.shape, self.factor_mode)
         f.input_sum += xx
         f.input_mean_sum += xsum
         f.input_count += count
-        probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        self.probes.append(probe)
-        output = output + probe
-        output.register_hook(self._grad_hook)
-        return output
 
-    def _grad_hook(self, grad):
+    def on_grad(self, x, grad):
         self.factors.grad_sum += self.adapter.grad_moment(self.module, grad)
-
-    def take_probes(self) -> List[torch.Tensor]:
-        probes, self.probes = self.probes, []
-        return probes
 
     def non_finite(self) -> Optional[str]:
         """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
@@ -312,16 +435,7 @@ class _LayerCollector:
         return None
 
 
-def _raise_if_non_finite(collectors: List[_LayerCollector], step: int) -> None:
-    for c in collectors:
-        bad = c.non_finite()
-        if bad is not None:
-            raise KFACError(
-                f"non-finite {bad} at layer '{c.name}' in batch {step}; check the inputs, the "
-                "model's weights and the loss (e.g. lower the learning rate)")
-
-
-def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
+def select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
     named = [(n, m) for n, m in model.named_modules() if adapter_for(m) is not None]
     if modules is None:
         if not named:
@@ -393,83 +507,20 @@ def collect_kfac(
         progress: show a tqdm progress bar.
 
     Cost per batch: one forward and one backward that stops at the layer outputs (no weight
-    gradient is formed; see :meth:`_LayerCollector.forward_hook`), plus the factor sums.
+    gradient is formed; see :class:`OutputTap`), plus the factor sums.
     The model is evaluated in eval mode and left exactly as found (modes, parameters,
     buffers, ``.grad``, ``requires_grad``, hooks), also when an error is raised. Under an
     initialized ``torch.distributed`` group the sums and counts are all-reduced.
     """
-    if fisher_type not in fisher.FISHER_TYPES:
-        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
+    check_fisher_args(fisher_type, num_batches, sample_fn)
     if factor_mode not in FACTOR_MODES:
         raise KFACError(f"factor_mode={factor_mode!r}; choose one of {FACTOR_MODES}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise KFACError(f"num_batches={num_batches!r}; pass a positive integer or None")
-    loss_fn = loss_fn or fisher.cross_entropy
-    if sample_fn is None:
-        sample_fn = fisher.sample_categorical
-    elif fisher_type == "empirical":
-        raise KFACError("sample_fn= only applies to fisher_type='true'")
-
-    selected = _select_modules(model, None if modules is None else list(modules))
-    collectors = [_LayerCollector(n, m, adapter_for(m), factor_mode) for n, m in selected]
-    device = _model_device(model)
-    handles = []
-    num_examples = 0.0
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    if num_batches is not None:
-        total = num_batches if total is None else min(total, num_batches)
-
-    from tqdm.auto import tqdm
-
-    bar = None
-    try:
-        with preserved_model_state(model):
-            for c in collectors:
-                handles.append(c.module.register_forward_hook(c.forward_hook))
-            bar = tqdm(data, total=total, desc="K-FAC statistics", disable=not progress, leave=False)
-            for step, batch in enumerate(bar):
-                if num_batches is not None and step >= num_batches:
-                    break
-                inputs, targets = batch_fn(batch)
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-                try:
-                    outputs = forward_fn(model, inputs)
-                except Exception as exc:
-                    raise KFACError(
-                        f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
-                        "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
-                _raise_if_non_finite(collectors, step)
-                if fisher_type == "true":
-                    targets = sample_fn(outputs)
-                elif targets is None:
-                    raise KFACError("fisher_type='empirical' needs targets in every batch; "
-                                    "the batch has none (or use fisher_type='true')")
-                losses = loss_fn(outputs, targets)
-                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
-                        and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
-                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise KFACError(
-                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
-                        "use reduction='none' so the factors are scaled per example")
-                probes = [p for c in collectors for p in c.take_probes()]
-                if probes and losses.requires_grad:
-                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
-                _raise_if_non_finite(collectors, step)
-                num_examples += losses.shape[0]
-                for c in collectors:
-                    if c.factors is not None:
-                        c.factors.num_examples = num_examples
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
-
-    if num_examples == 0:
-        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+    selected = select_modules(model, None if modules is None else list(modules))
+    collectors = [_LayerCollector(n, m, factor_mode) for n, m in selected]
+    num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
+                                 fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
+                                 batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
+                                 desc="K-FAC statistics")
     missing = [c.name for c in collectors if c.factors is None]
     if missing and modules is not None:
         raise KFACError(f"modules= lists layers that never ran in forward: {missing}; "
@@ -477,6 +528,6 @@ def collect_kfac(
     done = [c for c in collectors if c.factors is not None]
     for c in done:
         c.factors.num_examples = num_examples
-    num_examples = _all_reduce([c.factors for c in done], num_examples, device)
+    num_examples = _all_reduce([c.factors for c in done], num_examples, _model_device(model))
     return KFACStats({c.module: c.factors for c in done}, factor_mode=factor_mode,
                      fisher_type=fisher_type, num_examples=num_examples, model=model)

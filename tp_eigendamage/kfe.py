@@ -16,6 +16,7 @@ costs exactly the ``damage_in`` / ``damage_out`` of MATH.md §3.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -106,28 +107,69 @@ def _buffers(eigen, R_in, R_out, like: torch.Tensor):
                  for t in (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a)))
 
 
-def _top_vote(labels: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
-    """Per row of ``labels`` ``(P, Q)`` (values in ``[0, n)``), the label with the most weight."""
-    tally = torch.zeros(labels.shape[0], n, dtype=torch.float64, device=labels.device)
-    return tally.scatter_add_(1, labels, weight).argmax(dim=1)
+def _anchors(at: torch.Tensor, once: torch.Tensor) -> torch.Tensor:
+    """Per row, the position ``at`` of an entry whose value occurs ONCE in the basis (so it can
+    only sit there); -1 where the row has no such entry."""
+    pick = once.int().argmax(dim=1, keepdim=True)
+    return torch.where(once.any(dim=1), at.gather(1, pick).squeeze(1), -1)
+
+
+def _match_rows(current: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """Distinct indices ``s`` with ``current == target[s]`` exactly, or ``None``.
+
+    Rows that are equal (e.g. all zero) are interchangeable and taken in order.
+    """
+    m, both = current.shape[0], torch.cat([current, target])
+    ids = (torch.unique(both, dim=0, return_inverse=True)[1] if both.shape[1] else
+           torch.zeros(both.shape[0], dtype=torch.long, device=both.device))
+    cur_sorted, cur_order = ids[:m].sort(stable=True)
+    tgt_sorted, tgt_order = ids[m:].sort(stable=True)
+    start = torch.searchsorted(tgt_sorted, cur_sorted)
+    count = torch.searchsorted(tgt_sorted, cur_sorted, right=True) - start
+    rank = torch.arange(m, device=ids.device) - torch.searchsorted(cur_sorted, cur_sorted)
+    if not (rank < count).all():
+        return None
+    rows = torch.empty_like(cur_order)
+    rows[cur_order] = tgt_order[start + rank]
+    return rows
+
+
+def _complete(rows: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """Fill the unknown (-1) entries of ``rows`` by exact matches of those rows of ``current``
+    among the rows of ``target`` not used yet; ``None`` if some row has none."""
+    todo = rows < 0
+    if not todo.any():
+        return rows
+    free = torch.ones(target.shape[0], dtype=torch.bool, device=rows.device)
+    free[rows[~todo]] = False
+    free = free.nonzero().squeeze(1)
+    found = _match_rows(current[todo], target[free])
+    return None if found is None else rows.masked_scatter(todo, free[found])
 
 
 def _exact_indices(current: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(rows, cols)`` with ``current == basis[rows][:, cols]`` exactly, or ``None``.
 
-    Each entry of ``current`` is looked up among the sorted entries of ``basis`` and votes for
-    the row and column it sits at, with weight ``1 / (number of basis entries of that value)``
-    so repeated values (zeros, ±1 of dead channels) hardly count; every row (column) of
-    ``current`` takes its top-voted row (column). The result is checked entry by entry.
+    Every entry of ``current`` is looked up among the sorted entries of ``basis``; one whose
+    value occurs once in ``basis`` pins its row and column. Columns left unpinned (holding only
+    repeated values such as the zeros and ±1 of dead channels) are matched exactly on the
+    pinned rows, then unpinned rows on all columns, and the whole result is checked.
+    Where the remaining entries fit several choices (equal values), one of them is returned.
     """
+    current = current.to(basis.dtype)
     flat, order = basis.reshape(-1).sort()
-    values = current.to(basis.dtype).reshape(-1).contiguous()
-    lo, hi = torch.searchsorted(flat, values), torch.searchsorted(flat, values, right=True)
-    at = order[lo.clamp(max=flat.numel() - 1)].reshape(current.shape)
-    weight = ((hi > lo) / (hi - lo).clamp_min(1)).double().reshape(current.shape)
-    rows = _top_vote(at // basis.shape[1], weight, basis.shape[0])
-    cols = _top_vote((at % basis.shape[1]).T, weight.T, basis.shape[1])
-    return (rows, cols) if (basis[rows][:, cols] == current.to(basis.dtype)).all() else None
+    distinct, counts = torch.unique_consecutive(flat, return_counts=True)
+    values = current.reshape(-1).contiguous()
+    k = torch.searchsorted(distinct, values).clamp(max=distinct.numel() - 1)
+    at = order[(counts.cumsum(0) - counts)[k]].reshape(current.shape)
+    once = ((distinct[k] == values) & (counts[k] == 1)).reshape(current.shape)
+    rows, cols = _anchors(at // basis.shape[1], once), _anchors((at % basis.shape[1]).T, once.T)
+    pinned = rows >= 0
+    cols = _complete(cols, current[pinned].T, basis[rows[pinned]].T)
+    rows = None if cols is None else _complete(rows, current, basis[:, cols])
+    if rows is None or not (basis[rows][:, cols] == current).all():
+        return None
+    return rows, cols
 
 
 class Survivors(NamedTuple):
@@ -137,6 +179,11 @@ class Survivors(NamedTuple):
     directions_out: torch.Tensor  # columns of basis_out / entries of eigen_out, in core-output order
     channels_in: torch.Tensor     # rows of basis_in, in block-input order
     channels_out: torch.Tensor    # rows of basis_out, in block-output order
+
+
+# block → (rotation weights and bases, their versions, Survivors): the lookup is redone only
+# when one of them was replaced (Torch-Pruning, re-rotation) or changed in place (training).
+_SURVIVORS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 # -- the block --------------------------------------------------------------------------------
@@ -196,6 +243,16 @@ class KFEBlock(nn.Module):
     def forward(self, x):
         return self.rotate_out(self.core(self.rotate_in(x)))
 
+    def __getattr__(self, name: str):
+        """The replaced layer's shape attributes and bias (``in_features``/``in_channels`` from
+        ``rotate_in``; ``out_features``/``out_channels``/``bias`` from ``rotate_out``), which code
+        written for the plain layer reads (e.g. Torch-Pruning's FLOP counter for timm attention)."""
+        if name in ("in_features", "in_channels"):
+            return getattr(self.rotate_in, name)
+        if name in ("out_features", "out_channels", "bias"):
+            return getattr(self.rotate_out, name)
+        return super().__getattr__(name)
+
     def rotation_in_matrix(self) -> torch.Tensor:
         """Current input rotation as ``(r_in_now, in)`` (rows are directions)."""
         return self.rotate_in.weight.reshape(self.rotate_in.weight.shape[0], -1)
@@ -212,11 +269,18 @@ class KFEBlock(nn.Module):
         ``rotate_out[c, d] = basis_out[s_c, j_d]``, and :func:`_exact_indices` recovers ``s``
         (outer channels) and ``j`` (directions) exactly. Otherwise (rotations fine-tuned) each
         direction is matched to the stored one with the largest ``|cos|``, which needs the outer
-        channels intact; if they were pruned too, :class:`StaleBasisError`.
+        channels intact; if they were pruned too, :class:`StaleBasisError`. The result is
+        cached until a rotation weight or basis is replaced or changed in place.
         """
-        channels_in, directions_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
-        channels_out, directions_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
-        return Survivors(directions_in, directions_out, channels_in, channels_out)
+        tensors = (self.rotate_in.weight, self.rotate_out.weight, self.basis_in, self.basis_out)
+        versions = tuple(t._version for t in tensors)
+        cached = _SURVIVORS.get(self)
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], tensors)):
+            channels_in, directions_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
+            channels_out, directions_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
+            cached = (tensors, versions, Survivors(directions_in, directions_out, channels_in, channels_out))
+            _SURVIVORS[self] = cached
+        return cached[2]
 
     def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Indices into ``eigen_in`` / ``eigen_out`` (columns of the bases) of the directions left."""

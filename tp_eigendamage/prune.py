@@ -158,9 +158,14 @@ def _failing_module(model: nn.Module, example_inputs) -> Optional[str]:
     None if the forward runs."""
     names = {m: n for n, m in model.named_modules()}
     stack: List[nn.Module] = []
-    hooks = [h for m in names for h in (
-        m.register_forward_pre_hook(lambda m, args: stack.append(m)),
-        m.register_forward_hook(lambda m, args, out: stack.pop()))]
+
+    def enter(module, args):
+        stack.append(module)
+
+    def leave(module, args, output):
+        stack.pop()
+
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
             _run_forward(model, example_inputs)

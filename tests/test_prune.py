@@ -1,0 +1,308 @@
+"""The one-call driver ``prune()``: budgets, criteria, report, rollback, argument errors.
+
+References are independent of the code under test: parameter counts are ``Σ p.numel()``,
+FLOPs come from Torch-Pruning's counter, the Torch-Pruning-criterion case is compared with
+Torch-Pruning's own ``BasePruner``, rollback with a snapshot taken before the call.
+"""
+import copy
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+import tp_eigendamage as ted
+from tp_eigendamage.prune import PruneArgumentError, PruningError
+
+prune_module = sys.modules["tp_eigendamage.prune"]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def n_flops(model, x):
+    return tp.utils.count_ops_and_params(model, x)[0]
+
+
+def batches(size, n=2, batch=4, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def timm_model(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+
+
+def snapshot(model):
+    return repr(model), [(n, type(m).__name__) for n, m in model.named_modules()], \
+        {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    text, modules, state = before
+    assert repr(model) == text
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for k, v in state.items():
+        assert now[k].shape == v.shape and torch.equal(now[k], v), k
+
+
+# -- budgets -----------------------------------------------------------------------------------
+CASES = [  # (model, kwargs, size, method, target kind, value, rounds)
+    ("resnet18", {}, 32, "eigendamage", "target_params", 0.6, 1),
+    ("resnet18", {}, 32, "kron_obd", "target_flops", 0.5, 3),
+    ("efficientnet_b0", {}, 32, "kron_obd", "target_params", 0.6, 3),
+    ("efficientnet_b0", {}, 32, "fisher_diag", "target_flops", 0.5, 1),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,size,method,kind,value,rounds", CASES)
+def test_prune_reaches_target_within_two_percent(name, kwargs, size, method, kind, value, rounds):
+    model = timm_model(name, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    measure = (lambda m: n_params(m)) if kind == "target_params" else (lambda m: n_flops(m, x))
+    cost0 = measure(model)
+    out_shape = model(x).shape
+    seen = []
+
+    def finetune(m, r):
+        assert m is model
+        seen.append((r, measure(m) / cost0))
+
+    pruned, report = ted.prune(model, batches(size), x, method=method, iterative_steps=rounds,
+                               finetune=finetune, progress=False, **{kind: value})
+    assert pruned is model
+    assert [r for r, _ in seen] == list(range(1, rounds + 1))
+    for r, achieved in seen:   # round r aims at value^(r / rounds) of the original
+        assert abs(achieved / value ** (r / rounds) - 1) <= 0.02, (r, achieved)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == out_shape and torch.isfinite(out).all()
+    assert len(report.rounds) == rounds
+    assert report.after.params == n_params(model)
+
+
+# -- criteria ----------------------------------------------------------------------------------
+def test_torch_pruning_importance_gives_torch_prunings_own_result():
+    model = timm_model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    pruner = tp.pruner.BasePruner(reference, x, importance=tp.importance.GroupMagnitudeImportance(),
+                                  pruning_ratio=0.3, global_pruning=True, ignored_layers=[reference.fc])
+    pruner.step()
+    ted.prune(model, batches(32), x, method=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.3,
+              progress=False)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert n_params(model) < 0.9 * n_params(timm_model("resnet18"))
+    torch.testing.assert_close(model(x), reference(x))
+
+
+class SmallNet(nn.Module):
+    """conv → bn → relu → conv → residual → grouped conv → pool → linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.grouped(x + self.branch(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["eigendamage", "kron_obd", "kron_obs", "fisher_diag"])
+def test_every_method_reaches_a_params_target_on_a_small_net(method):
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    params0 = n_params(model)
+    ted.prune(model, batches(8), x, method=method, target_params=0.5, ignored_layers=[model.head],
+              tolerance=0.05, progress=False)
+    assert abs(n_params(model) / params0 / 0.5 - 1) <= 0.05
+    assert model(x).shape == (2, 10) and model.head.out_features == 10
+
+
+def test_shape_only_trials_cost_exactly_what_pruning_costs():
+    model = timm_model("resnet18", zero_init_last=False)
+    x = torch.randn(1, 3, 16, 16)
+    stats = ted.collect_kfac(model, batches(16), progress=False)
+    ted.to_kfe(model, stats)
+    setup = prune_module._Setup(example_inputs=x, method="eigendamage", ignored=[], cap=0.95,
+                                initial=prune_module._original_channels(model), global_pruning=True,
+                                tp_kwargs={}, timm_helper=prune_module._timm_integration(model))
+    round_ = prune_module._Round(model, stats, setup)
+    predicted = {r: round_.cost_at(r) for r in (0.2, 0.45)}
+    assert round_.meta
+    round_.apply(0.45, stats)
+    assert predicted[0.45].params == n_params(model)
+    assert predicted[0.45].flops == n_flops(model, x)
+    assert predicted[0.2].params > predicted[0.45].params
+
+
+class DataDependent(nn.Module):
+    """A forward with value-dependent control flow: cannot run on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        if bool(x.sum() > -1):
+            x = torch.relu(self.b(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_models_that_cannot_run_on_meta_are_measured_on_real_copies():
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    x = torch.randn(2, 3, 8, 8)
+    params0 = n_params(model)
+    ted.prune(model, batches(8, classes=4), x, method="kron_obd", target_params=0.6,
+              ignored_layers=[model.head], progress=False)
+    assert abs(n_params(model) / params0 / 0.6 - 1) <= 0.02
+
+
+# -- report ------------------------------------------------------------------------------------
+def test_report_rows_totals_and_table():
+    model = timm_model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    params0 = n_params(model)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _, report = ted.prune(model, batches(32), x, target_params=0.6, progress=False)
+    assert [r.name for r in report.rows] == layers
+    assert report.before.params == params0 and report.after.params == n_params(model)
+    for row in report.rows:
+        module = model.get_submodule(row.name)
+        assert row.after.params == sum(p.numel() for p in module.parameters())
+        assert row.predicted_damage >= 0
+    assert sum(r.after.params for r in report.rows) < sum(r.before.params for r in report.rows)
+    kept = sum(isinstance(m, ted.KFEBlock) for m in model.modules())
+    assert report.kfe_blocks_kept == kept and report.kfe_blocks_built == kept + report.kfe_blocks_folded
+    text = str(report)
+    assert "layer" in text and "shape before" in text and "pred. damage" in text
+    assert all(name in text for name in layers)
+    assert f"{params0:,}" in text and f"{n_params(model):,}" in text
+
+
+# -- rollback ----------------------------------------------------------------------------------
+class Boom(Exception):
+    pass
+
+
+def test_failure_in_a_later_round_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    structures = []
+
+    def finetune(m, r):
+        structures.append(repr(m))
+        if r == 2:
+            raise Boom()
+
+    with pytest.raises(Boom):
+        ted.prune(model, batches(8), x, pruning_ratio=0.5, iterative_steps=3, finetune=finetune,
+                  ignored_layers=[model.head], progress=False)
+    assert len(structures) == 2 and structures[1] != before[0]   # it had really been pruned
+    assert_unchanged(model, before)
+    assert model(x).shape == (2, 10)
+
+
+class FailingData:
+    """Batches for the first statistics pass; raises during the second."""
+
+    def __init__(self, data):
+        self.data, self.passes = data, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.data):
+            if self.passes == 2 and i == 1:
+                raise Boom()
+            yield batch
+
+
+def test_failure_during_statistics_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    data = FailingData(batches(8))
+    with pytest.raises(Boom):
+        ted.prune(model, data, x, method="eigendamage", pruning_ratio=0.5, iterative_steps=2,
+                  ignored_layers=[model.head], progress=False)
+    assert data.passes == 2
+    assert_unchanged(model, before)
+
+
+class Squash(nn.Module):
+    """Reshapes to a hard-coded channel count: breaks once its input channels are pruned."""
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], 8, -1).mean(-1)
+
+
+class HardCoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.squash = Squash()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.squash(torch.relu(self.b(torch.relu(self.a(x))))))
+
+
+def test_model_torch_pruning_breaks_gives_a_clear_error_and_no_change():
+    torch.manual_seed(0)
+    model = HardCoded().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    with pytest.raises(PruningError, match=r"running the pruned model failed.*'head' \(Linear\)"):
+        ted.prune(model, batches(8, classes=4), x, method="kron_obd", pruning_ratio=0.5,
+                  ignored_layers=[model.head], progress=False)
+    assert_unchanged(model, before)
+
+
+# -- bad arguments -----------------------------------------------------------------------------
+class Untouchable:
+    def __iter__(self):
+        raise AssertionError("prune() started work despite bad arguments")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(target_params=0.5, target_flops=0.5), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(target_params=1.0), "strictly between 0 and 1"),
+    (dict(target_flops=0.0), "strictly between 0 and 1"),
+    (dict(pruning_ratio=-0.2), "strictly between 0 and 1"),
+    (dict(target_params=0.5, method="magnitude"), "choose one of"),
+    (dict(target_params=0.5, finetune="yes"), "callable"),
+    (dict(target_params=0.5, iterative_steps=0), "positive integer"),
+    (dict(target_params=0.5, max_layer_ratio=1.5), "max_layer_ratio"),
+    (dict(target_params=0.5, max_pruning_ratio=0.5), "set by prune"),
+    (dict(target_params=0.5, importance=tp.importance.GroupMagnitudeImportance()), "set by prune"),
+    (dict(target_params=0.5, ignored_layers=[nn.Linear(2, 2)]), "not a submodule"),
+])
+def test_bad_arguments_fail_before_any_work(kwargs, message):
+    model = SmallNet()
+    before = snapshot(model)
+    with pytest.raises(PruneArgumentError, match=message):
+        ted.prune(model, Untouchable(), torch.randn(1, 3, 8, 8), progress=False, **kwargs)
+    assert_unchanged(model, before)
