@@ -8,7 +8,6 @@ from _importance_nets import groups_of, tiny_setup
 from tp_eigendamage import collect_kfac
 from tp_eigendamage.importance import CombinedImportance, KroneckerOBDImportance
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors; see conftest.py
 
 EXAMPLE = torch.randn(1, 3, 6, 6)
 

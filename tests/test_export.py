@@ -8,7 +8,6 @@ import torch
 
 import tp_eigendamage as ted
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +17,7 @@ def pruned():
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
     x = torch.randn(2, 3, 32, 32, generator=g)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # module-scoped: the single_thread fixture is not active yet
-    try:
-        ted.prune(model, data, x, method="eigendamage", pruning_ratio=0.6, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    ted.prune(model, data, x, method="eigendamage", pruning_ratio=0.6, progress=False)
     assert ted.kfe_blocks(model), "expected some KFE blocks to pay and stay"
     return model, x
 

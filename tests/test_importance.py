@@ -20,7 +20,6 @@ from tp_eigendamage.importance import (
 )
 from tp_eigendamage.kfe import KFEBlock
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors; see conftest.py
 
 EXAMPLE = torch.randn(1, 3, 6, 6)
 

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import tp_eigendamage as ted
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model():

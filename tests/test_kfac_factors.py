@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 import tp_eigendamage as ted
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 

@@ -16,7 +16,6 @@ import torch.nn as nn
 
 import tp_eigendamage as ted
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 curvlinops = pytest.importorskip("curvlinops")
 

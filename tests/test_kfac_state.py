@@ -7,7 +7,6 @@ import torch.nn.functional as F
 import tp_eigendamage as ted
 from tp_eigendamage import KFACError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Net(nn.Module):

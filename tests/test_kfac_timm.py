@@ -6,7 +6,6 @@ import torch.nn as nn
 
 import tp_eigendamage as ted
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 timm = pytest.importorskip("timm")
 

@@ -9,15 +9,6 @@ from tp_eigendamage import StaleStatisticsError, collect_kfac
 from tp_eigendamage.kfe import KFEBlock, KFEError, StaleBasisError, fold_kfe, kfe_blocks, to_kfe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Multi-threaded LAPACK ``eigh`` is pathologically slow on an oversubscribed 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stats_of(model, x, **kw):
     """Factors from one batch; ``x=(inputs, labels)`` gives the (deterministic) empirical Fisher."""
     if isinstance(x, tuple):

@@ -9,7 +9,6 @@ from _importance_nets import mean_loss, trained_digits_net
 from tp_eigendamage import StaleStatisticsError, collect_kfac
 from tp_eigendamage.damage import obs_compensation, obs_damage
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors; see conftest.py
 
 
 def regression_problem(seed=0, n=64, d_in=6, d_out=3):

@@ -23,8 +23,8 @@ from .importance import (
 )
 from .io import load, save
 from .kfac import KFACError, KFACFactors, KFACStats, StaleStatisticsError, collect_kfac
-from .kfe import KFEBlock, KFEError, fold_kfe, kfe_blocks, to_kfe
-from .prune import PruneArgumentError, prune
+from .kfe import KFEBlock, KFEError, StaleBasisError, fold_kfe, kfe_blocks, to_kfe
+from .prune import PruneArgumentError, PruningError, prune
 from .budget import TargetUnreachableError
 from .report import PruneReport
 
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "collect_kfac", "KFACStats", "KFACFactors", "KFACError", "StaleStatisticsError",
     "collect_fisher_diag", "fit_eigen_correction",
-    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "KFEError",
+    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "KFEError", "StaleBasisError",
     "EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
     "FisherDiagImportance", "CombinedImportance", "obs_compensation", "obs_damage",
     "prune", "PruneReport", "PruneArgumentError", "TargetUnreachableError",

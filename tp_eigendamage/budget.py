@@ -56,13 +56,16 @@ def search_ratio(achieved: Callable[[float], float], target: float, *, start: fl
     x_max, y_goal = -math.log1p(-max_ratio), math.log(target)
     lo, hi = (0.0, math.log(start) - y_goal), None   # (x, y − y_goal): above / below the goal
     previous, kept = lo, None
-    best = (0.0, start)
+    best, closest = (0.0, start), {True: (0.0, start), False: None}   # nearest (r, f) above / below
     x = min(lo[1] / max(exponent, 1e-3), x_max)
     for _ in range(max_trials):
         r = -math.expm1(-x)
         f = achieved(r)
         if abs(f / target - 1) < abs(best[1] / target - 1):
             best = (r, f)
+        side = closest[f > target]
+        if side is None or (r > side[0] if f > target else r < side[0]):
+            closest[f > target] = (r, f)
         if abs(f / target - 1) <= tolerance:
             return r, f, _exponent(start, r, f, exponent)
         if f > target and x >= x_max:
@@ -84,15 +87,18 @@ def search_ratio(achieved: Callable[[float], float], target: float, *, start: fl
         if kept == moved:                         # Illinois: the other end went stale
             lo, hi = (lo, (hi[0], hi[1] / 2)) if moved == "lo" else ((lo[0], lo[1] / 2), hi)
         kept = moved
-        if hi[0] - lo[0] < 1e-6:
+        if hi[0] - lo[0] < 1e-4:
             break
         secant = lo[0] + lo[1] * (hi[0] - lo[0]) / (lo[1] - hi[1])
         margin = 0.05 * (hi[0] - lo[0])
         x = secant if lo[0] + margin < secant < hi[0] - margin else 0.5 * (lo[0] + hi[0])
+    (r_a, f_a), below = closest[True], closest[False]
+    jump = (f" — the cost jumps from {f_a:.3f} (channel ratio {r_a:.4f}) to {below[1]:.3f} "
+            f"(ratio {below[0]:.4f})" if below else "")
     raise TargetUnreachableError(
-        f"could not land within {tolerance:.0%} of the target {target:.3f}; closest reached "
-        f"{best[1]:.3f} (channel granularity too coarse: use a larger model or input, or a "
-        "looser target)")
+        f"could not land within {tolerance:.0%} of the target {target:.3f}{jump}; closest reached "
+        f"{best[1]:.3f}. Many channels share one score or one step removes a large group: use a "
+        "looser tolerance or another target, or a larger model or input")
 
 
 def _exponent(start: float, r: float, f: float, default: float) -> float:

@@ -48,7 +48,7 @@ from .report import build_report, layer_stats
 
 METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
 _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterative_steps",
-                      "max_pruning_ratio", "example_inputs", "model", "global_pruning")
+                      "max_pruning_ratio", "example_inputs", "model")
 #: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
 _MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
 
@@ -100,7 +100,8 @@ def _method_name(method) -> str:
 _IMPORTANCES = {
     "eigendamage": imp_mod.EigenDamageImportance,
     "kron_obd": imp_mod.KroneckerOBDImportance,
-    "kron_obs": imp_mod.KroneckerOBSImportance,
+    # OBS compensation updates the consumers, so its score is the consumers' joint damage
+    "kron_obs": lambda stats: imp_mod.KroneckerOBSImportance(stats, side="consumer"),
     "fisher_diag": imp_mod.FisherDiagImportance,
 }
 
@@ -321,16 +322,20 @@ def _pruner(model, example_inputs, importance, ignored, tp_kwargs, setup: _Setup
     return pruner
 
 
-def _groups_at(pruner, ratio: float) -> list:
-    """The groups ``pruner`` removes at channel ratio ``ratio`` (its model is not touched)."""
+def _groups_at(pruner, ratio: float):
+    """The groups ``pruner`` removes at channel ratio ``ratio``, created one at a time (a
+    generator: prune each before asking for the next, as Torch-Pruning's own ``step()`` does —
+    concatenations map indices through the CURRENT shapes)."""
     pruner.reset()
     pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
-    return list(pruner.step(interactive=True))
+    return pruner.step(interactive=True)
 
 
-def _remove(model, pruner, groups, setup: _Setup, names: Dict[int, str]) -> None:
-    """Prune ``groups``, fix timm attention, fold unprofitable KFE blocks."""
-    for group in groups:
+def _remove(model, pruner, ratio: float, setup: _Setup, names: Dict[int, str],
+            before_each: Callable = lambda group: None) -> None:
+    """Prune at channel ``ratio`` group by group, fix timm attention, fold unprofitable KFE blocks."""
+    for group in _groups_at(pruner, ratio):
+        before_each(group)
         root = group[0].dep.target.module
         with _torch_pruning_errors(f"removing channels of '{names.get(id(root), '?')}' "
                                    f"({type(root).__name__}) and the layers coupled to it",
@@ -378,7 +383,7 @@ class _Round:
                                    _IGNORE_HINT):
             self.pruner = _pruner(model, setup.example_inputs, self.importance, setup.ignored,
                                   setup.tp_kwargs, setup, 0.0)
-        _groups_at(self.pruner, 0.0)   # scores every group (ratio 0 removes nothing)
+        list(_groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
         self.meta = True
         self.trials = 0
 
@@ -398,21 +403,25 @@ class _Round:
         importance = self.importance.for_twin()
         with _torch_pruning_errors("tracing the model with Torch-Pruning", twin, inputs, _IGNORE_HINT):
             pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.setup, ratio)
-        groups = list(pruner.step(interactive=True))
-        _remove(twin, pruner, groups, self.setup, importance.names)
+        _remove(twin, pruner, ratio, self.setup, importance.names)
         return _checked_cost(twin, inputs)
 
     def apply(self, ratio: float, stats) -> Dict[str, float]:
-        """Prune the model at channel ``ratio``; returns the predicted damage per reported layer."""
-        groups = _groups_at(self.pruner, ratio)
+        """Prune the model at channel ``ratio``; returns the predicted damage per reported layer.
+
+        ``kron_obs`` first compensates every consumer for ALL its removed inputs at once (the
+        groups listed on the unpruned model), then the same groups are pruned one by one.
+        """
+        if self.setup.method == "kron_obs":
+            _compensate(list(_groups_at(self.pruner, ratio)), self.pruner.DG, stats)
         damages: Dict[str, float] = {}
-        for group in groups:
+
+        def record(group):
             name, value = self.importance.damage(group)
             if name is not None:
                 damages[name] = damages.get(name, 0.0) + value
-        if self.setup.method == "kron_obs":
-            _compensate(groups, self.pruner.DG, stats)
-        _remove(self.model, self.pruner, groups, self.setup, self.importance.names)
+
+        _remove(self.model, self.pruner, ratio, self.setup, self.importance.names, record)
         return damages
 
 
