@@ -26,26 +26,7 @@ from tp_eigendamage import collect_kfac
 from tp_eigendamage.importance import KroneckerOBDImportance
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from _importance_nets import DigitsNet, digits_batches  # noqa: E402  (the tests' residual CNN)
-
-
-def train(steps, seed, batches):
-    torch.manual_seed(seed)
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def loss(model, batches):
-    return sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches) / \
-        sum(len(y) for _, y in batches)
+from _importance_nets import mean_loss, trained_digits_net  # noqa: E402  (the tests' residual CNN)
 
 
 def measured_increase(model, root_name, pruning_fn, channel, batches, base):
@@ -53,12 +34,12 @@ def measured_increase(model, root_name, pruning_fn, channel, batches, base):
     pruned = copy.deepcopy(model)
     DG = tp.DependencyGraph().build_dependency(pruned, example_inputs=batches[0][0][:1])
     DG.get_pruning_group(dict(pruned.named_modules())[root_name], pruning_fn, [channel]).prune()
-    return loss(pruned, batches) - base
+    return mean_loss(pruned, batches) - base
 
 
-def run(steps, seed, batches):
-    model = train(steps, seed, batches)
-    base = loss(model, batches)
+def run(steps, seed):
+    model, batches = trained_digits_net(steps, seed, n=512)
+    base = mean_loss(model, batches)
     stats = collect_kfac(model, batches, progress=False)
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][0][:1])
     names = {m: n for n, m in model.named_modules()}
@@ -83,14 +64,13 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100], help="training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    batches = digits_batches(n=512)
     print("Spearman ρ (predicted Kron-OBD group damage vs measured loss increase of removing the "
           "channel)")
     print(f"{'steps':>5} {'seed':>4} {'loss':>7} {'channels':>8} | {'consumer pooled':>15} "
           f"{'producer pooled':>15} | {'consumer in-group':>17} {'producer in-group':>17}")
     for steps in args.steps:
         for seed in args.seeds:
-            base, rho, n = run(steps, seed, batches)
+            base, rho, n = run(steps, seed)
             print(f"{steps:>5} {seed:>4} {base:>7.4f} {n:>8} | {rho['consumer'][0]:>15.3f} "
                   f"{rho['producer'][0]:>15.3f} | {rho['consumer'][1]:>17.3f} {rho['producer'][1]:>17.3f}")
 

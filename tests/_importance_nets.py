@@ -147,10 +147,10 @@ def digits_batches(batch_size=128, n=256):
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_state(steps, seed):
+def _trained_state(steps, seed, n):
     torch.manual_seed(seed)
     model = DigitsNet()
-    batches = digits_batches()
+    batches = digits_batches(n=n)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for step in range(steps):
@@ -161,13 +161,14 @@ def _trained_state(steps, seed):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def trained_digits_net(steps=30, seed=0):
-    """A DigitsNet after ``steps`` Adam steps (trained once per session), a fresh copy each call;
-    the global RNG is re-seeded so what follows is reproducible."""
+def trained_digits_net(steps=30, seed=0, n=256):
+    """A DigitsNet after ``steps`` Adam steps on the first ``n`` digits (trained once per
+    session), a fresh copy each call, and those digits' batches; the global RNG is re-seeded
+    so what follows is reproducible."""
     model = DigitsNet()
-    model.load_state_dict(_trained_state(steps, seed))
+    model.load_state_dict(_trained_state(steps, seed, n))
     torch.manual_seed(seed)
-    return model.eval(), digits_batches()
+    return model.eval(), digits_batches(n=n)
 
 
 @torch.no_grad()

@@ -41,6 +41,14 @@ def test_default_job_writes_table_report_and_plots(tmp_path, capsys):
     model = load(str(out / "pruned_model.pt"))
     assert sum(p.numel() for p in model.parameters()) == after["params"]
 
+    again = tmp_path / "again"
+    code = main(TINY + ["--checkpoint", str(out / "pruned_model.pt"), "--method", "kron_obd",
+                        "--target-params", "0.8", "--finetune-epochs", "0", "--out", str(again)])
+    assert code == 0
+    resumed = json.loads((again / "report.json").read_text())["stages"]
+    assert resumed["trained"]["params"] == after["params"], "--checkpoint must start from the saved model"
+    assert resumed["trained"]["accuracy"] == report["stages"]["fine-tuned"]["accuracy"]
+
 
 def _compare(tmp_path, name):
     out = tmp_path / name
