@@ -16,9 +16,7 @@ import os
 import sys
 
 import numpy as np
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch_pruning as tp
 from scipy.stats import spearmanr
 

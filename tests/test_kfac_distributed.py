@@ -2,7 +2,6 @@
 factors over the union of the data, on every rank."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -36,7 +36,7 @@ __all__ = [
     "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "KFEError", "StaleBasisError",
     "EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
     "FisherDiagImportance", "CombinedImportance", "obs_compensation", "obs_damage",
-    "prune", "PruneReport", "PruneArgumentError", "TargetUnreachableError",
+    "prune", "PruneReport", "PruneArgumentError", "PruningError", "TargetUnreachableError",
     "save", "load",
     "cross_entropy", "gaussian_nll", "sample_categorical", "sample_gaussian",
 ]

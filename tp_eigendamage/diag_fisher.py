@@ -10,19 +10,12 @@ batching, labels and model-state handling are kfac.py's.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
+from typing import Dict, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from .kfac import (
-    StaleStatisticsError,
-    OutputTap,
-    default_batch_fn,
-    default_forward_fn,
-    fisher_passes,
-    select_modules,
-)
+from .kfac import OutputTap, StaleStatisticsError, fisher_passes, select_modules
 from .layers import adapter_for
 
 #: Per-example gradients are formed for at most this many weight entries at a time.
@@ -76,31 +69,19 @@ class _SquaredGradCollector(OutputTap):
         return None if self.sum is None or torch.isfinite(self.sum).all() else "per-example gradients"
 
 
-def collect_fisher_diag(
-    model: nn.Module,
-    data: Iterable,
-    *,
-    num_batches: Optional[int] = None,
-    fisher_type: str = "true",
-    loss_fn: Optional[Callable] = None,
-    sample_fn: Optional[Callable] = None,
-    modules: Optional[Iterable[nn.Module]] = None,
-    batch_fn: Callable = default_batch_fn,
-    forward_fn: Callable = default_forward_fn,
-    progress: bool = True,
-) -> FisherDiagStats:
+def collect_fisher_diag(model: nn.Module, data: Iterable, *,
+                        modules: Optional[Iterable[nn.Module]] = None, **pass_options) -> FisherDiagStats:
     """Diagonal Fisher ``E_n[G_n²]`` of every Conv2d / Linear (or ``modules``).
 
-    Arguments mean what they mean in :func:`collect_kfac` (same Fisher passes, batch handling,
-    label sampling, errors and model-state restoration). Models must be batch-first (the
-    per-example gradient of example n sums over every other axis).
+    ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
+    ``batch_fn``, ``forward_fn``, ``progress``) mean what they mean in :func:`collect_kfac`:
+    the same Fisher passes (:func:`~tp_eigendamage.kfac.fisher_passes`), batch handling, label
+    sampling, errors and model-state restoration. Models must be batch-first (the per-example
+    gradient of example n sums over every other axis).
     """
     collectors = [_SquaredGradCollector(n, m) for n, m in
                   select_modules(model, None if modules is None else list(modules))]
-    num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
-                                 fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
-                                 batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
-                                 desc="diagonal Fisher")
+    num_examples = fisher_passes(model, data, collectors, desc="diagonal Fisher", **pass_options)
     done = [c for c in collectors if c.sum is not None]
     return FisherDiagStats({c.module: c.sum / num_examples for c in done},
                            {c.module: c.name for c in done}, num_examples, model)

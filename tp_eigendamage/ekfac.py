@@ -19,14 +19,13 @@ exact) ``F_ij = g*_i² · (1/K) Σ_k x*_{kj}² = λ_S,i λ_A,j``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .kfac import OutputTap, default_batch_fn, default_forward_fn, fisher_passes
+from .kfac import OutputTap, fisher_passes
 from .kfe import KFEBlock, KFEError, kfe_blocks
-from .layers import adapter_for
 
 #: per-example gradients are formed for at most this many weight entries at a time
 CHUNK_ELEMENTS = 2 ** 24
@@ -72,23 +71,13 @@ def _all_reduce(tensors: List[torch.Tensor]) -> None:
             dist.all_reduce(t)
 
 
-def fit_eigen_correction(
-    model: nn.Module,
-    data,
-    *,
-    num_batches: Optional[int] = None,
-    fisher_type: str = "true",
-    loss_fn: Optional[Callable] = None,
-    sample_fn: Optional[Callable] = None,
-    batch_fn: Callable = default_batch_fn,
-    forward_fn: Callable = default_forward_fn,
-    progress: bool = True,
-) -> Dict[str, torch.Tensor]:
+def fit_eigen_correction(model: nn.Module, data, **pass_options) -> Dict[str, torch.Tensor]:
     """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``.
 
-    The Fisher passes are :func:`~tp_eigendamage.kfac.fisher_passes` (as for
-    :func:`~tp_eigendamage.collect_kfac`: same arguments, batch handling, label sampling,
-    model-state restoration and errors); taps on the cores record per-example gradients,
+    ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
+    ``batch_fn``, ``forward_fn``, ``progress``) go to the Fisher passes,
+    :func:`~tp_eigendamage.kfac.fisher_passes` (as for :func:`~tp_eigendamage.collect_kfac`:
+    same batch handling, label sampling, model-state restoration and errors); taps on the cores record per-example gradients,
     vectorized over the batch. Afterwards each
     block's buffers are cut to its surviving directions (:meth:`KFEBlock.keep_surviving_buffers`),
     ``fisher_diag`` is ``(r_out_now, r_in_now)`` in the core's channel order and
@@ -99,10 +88,7 @@ def fit_eigen_correction(
     if not blocks:
         raise KFEError("the model has no KFE blocks; call to_kfe(model, stats) first")
     recorders = [_CoreRecorder(name, blk) for name, blk in blocks]
-    num_examples = fisher_passes(model, data, recorders, num_batches=num_batches,
-                                 fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
-                                 batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
-                                 desc="EK-FAC refit")
+    num_examples = fisher_passes(model, data, recorders, desc="EK-FAC refit", **pass_options)
     idle = [r.name for r in recorders if r.sq_sum is None]
     if idle:
         raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")

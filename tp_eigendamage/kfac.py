@@ -124,9 +124,6 @@ class KFACFactors:
                 "since collect_kfac (e.g. it was pruned). Call collect_kfac again.")
 
     # -- accumulation -------------------------------------------------------------------
-    def _reset(self) -> None:
-        self._eigen = None
-
     def _state_tensors(self) -> List[torch.Tensor]:
         return [self.input_sum, self.input_mean_sum, self.grad_sum]
 
@@ -204,13 +201,14 @@ def default_forward_fn(model: nn.Module, inputs):
     return model(inputs)
 
 
-def _to_device(obj, device):
+def to_device(obj, device):
+    """``obj`` with every tensor (in tuples, lists, dicts) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     return obj
 
 
@@ -355,7 +353,7 @@ def fisher_passes(
                 if num_batches is not None and step >= num_batches:
                     break
                 inputs, targets = batch_fn(batch)
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
                 try:
                     outputs = forward_fn(model, inputs)
                 except Exception as exc:

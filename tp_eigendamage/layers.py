@@ -96,7 +96,7 @@ class LinearAdapter(LayerAdapter):
         return torch.einsum("nto,nti->noi", gg, a)[:, None, :, :, None]
 
 
-def conv_explicit_padding(module: nn.Conv2d, in_hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
+def conv_explicit_padding(module: nn.Conv2d) -> Tuple[int, int, int, int]:
     """Padding of a Conv2d as ``(left, right, top, bottom)``, string padding resolved."""
     if isinstance(module.padding, str):
         if module.padding == "valid":
@@ -147,10 +147,17 @@ class Conv2dAdapter(LayerAdapter):
 
     def _padded(self, module, x):
         """Input with non-zero padding modes applied explicitly, and the pad amounts."""
-        pad = conv_explicit_padding(module, x.shape[-2:])
+        pad = conv_explicit_padding(module)
         if module.padding_mode != "zeros" and any(pad):
             return F.pad(x, pad, mode=module.padding_mode), (0, 0, 0, 0)
         return x, pad
+
+    def _patches(self, module, x, pad):
+        """im2col patch vectors of (already mode-padded) ``x``, ``(N, G, in/G·K, locations)``."""
+        if any(pad):
+            x = F.pad(x, pad)
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return patches.view(x.shape[0], module.groups, -1, patches.shape[-1])
 
     def _coverage(self, module, x_hw, pad, out_hw, device):
         key = (id(module), tuple(x_hw), pad, tuple(out_hw), str(device))
@@ -174,10 +181,7 @@ class Conv2dAdapter(LayerAdapter):
             weighted = xg * cov
             xx = torch.einsum("ngchw,ngdhw->gcd", weighted, xg)
             return xx, weighted.sum(dim=(0, 3, 4)), num_locations * self.kernel_numel(module)
-        if any(pad):
-            x = F.pad(x, pad)
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        patches = patches.view(n, G, -1, patches.shape[-1])
+        patches = self._patches(module, x, pad)
         xx = torch.einsum("ngil,ngjl->gij", patches, patches)
         return xx, patches.sum(dim=(0, 3)), num_locations
 
@@ -198,12 +202,8 @@ class Conv2dAdapter(LayerAdapter):
         ``a_t`` is the im2col patch of location t; materializes the unfolded input of the
         examples passed in (the caller chunks the batch).
         """
-        x, pad = self._padded(module, x.detach().float())
-        if any(pad):
-            x = F.pad(x, pad)
         n, G = x.shape[0], module.groups
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        patches = patches.view(n, G, -1, patches.shape[-1])
+        patches = self._patches(module, *self._padded(module, x.detach().float()))
         gg = g.detach().float().reshape(n, G, -1, patches.shape[-1])
         grads = torch.einsum("ngol,ngil->ngoi", gg, patches)
         return grads.view(n, G, gg.shape[2], module.in_channels // G, self.kernel_numel(module))
@@ -219,6 +219,3 @@ def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
             return _ADAPTERS[kind]()
     return None
 
-
-def is_supported(module: nn.Module) -> bool:
-    return adapter_for(module) is not None

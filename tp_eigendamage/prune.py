@@ -41,7 +41,7 @@ from . import importance as imp_mod
 from .budget import Cost, TargetUnreachableError, measure_cost, search_ratio
 from .damage import obs_compensation
 from .diag_fisher import collect_fisher_diag
-from .kfac import KFACError, StaleStatisticsError, collect_kfac
+from .kfac import KFACError, StaleStatisticsError, collect_kfac, default_forward_fn, to_device
 from .kfe import KFEBlock, KFEError, fold_kfe, kfe_blocks, to_kfe
 from .layers import adapter_for
 from .report import build_report, layer_stats
@@ -125,11 +125,18 @@ def _timm_integration(model: nn.Module):
     return None
 
 
-def _layer_name(model_names: Dict[int, str], module: nn.Module, parents: Dict[str, nn.Module]) -> str:
+def _kfe_part(name: str, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, str]]:
+    """``(block name, part)`` if ``name`` is a part (``rotate_in``/``core``/``rotate_out``) of a
+    KFE block in ``modules``, else None."""
+    parent, _, leaf = name.rpartition(".")
+    return (parent, leaf) if isinstance(modules.get(parent), KFEBlock) else None
+
+
+def _layer_name(model_names: Dict[int, str], module: nn.Module, modules: Dict[str, nn.Module]) -> str:
     """Qualified name of the reported layer owning ``module`` (a KFE block for its parts)."""
     name = model_names.get(id(module), "?")
-    parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return parent if isinstance(parents.get(parent), KFEBlock) else name
+    part = _kfe_part(name, modules)
+    return part[0] if part else name
 
 
 def _original_channels(model: nn.Module) -> Dict[str, Tuple[int, int]]:
@@ -144,14 +151,6 @@ def _original_channels(model: nn.Module) -> Dict[str, Tuple[int, int]]:
 # -- errors from Torch-Pruning -----------------------------------------------------------------
 _OWN_ERRORS = (PruneArgumentError, PruningError, TargetUnreachableError, KFACError,
                StaleStatisticsError, KFEError)
-
-
-def _run_forward(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
 
 
 def _failing_module(model: nn.Module, example_inputs) -> Optional[str]:
@@ -169,7 +168,7 @@ def _failing_module(model: nn.Module, example_inputs) -> Optional[str]:
     hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
-            _run_forward(model, example_inputs)
+            default_forward_fn(model, example_inputs)
     except Exception:
         return f"'{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})" if stack else "<model>"
     finally:
@@ -276,10 +275,9 @@ class _RoundImportance(tp.importance.Importance):
 
     def _original(self, module: nn.Module, is_out: bool) -> Optional[int]:
         name = self.names.get(id(module), "")
-        parent, _, leaf = name.rpartition(".")
-        if isinstance(self.modules.get(parent), KFEBlock) and parent in self.initial:
-            is_out = {"rotate_in": False, "rotate_out": True}.get(leaf, is_out)
-            return self.initial[parent][1 if is_out else 0]
+        part = _kfe_part(name, self.modules)
+        if part and part[0] in self.initial:
+            name, is_out = part[0], {"rotate_in": False, "rotate_out": True}.get(part[1], is_out)
         return self.initial[name][1 if is_out else 0] if name in self.initial else None
 
     def _score(self, key, group) -> None:
@@ -351,17 +349,6 @@ def _checked_cost(model, example_inputs) -> Cost:
         return measure_cost(model, example_inputs)
 
 
-def _on_meta(obj):
-    """``obj`` with every tensor (in tuples, lists, dicts) replaced by a ``meta`` tensor."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("meta")
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_on_meta(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _on_meta(v) for k, v in obj.items()}
-    return obj
-
-
 def _twin(model: nn.Module, extra, meta: bool):
     """Deep copy of ``(model, extra)``; ``meta=True`` puts parameters and buffers on the meta
     device (shapes only: no storage is copied and no arithmetic is done)."""
@@ -399,7 +386,7 @@ class _Round:
 
     def _twin_cost(self, ratio: float, meta: bool) -> Cost:
         twin, (ignored, tp_kwargs) = _twin(self.model, (self.setup.ignored, self.setup.tp_kwargs), meta)
-        inputs = _on_meta(self.setup.example_inputs) if meta else self.setup.example_inputs
+        inputs = to_device(self.setup.example_inputs, "meta") if meta else self.setup.example_inputs
         importance = self.importance.for_twin()
         with _torch_pruning_errors("tracing the model with Torch-Pruning", twin, inputs, _IGNORE_HINT):
             pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.setup, ratio)
