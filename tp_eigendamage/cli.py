@@ -10,7 +10,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from typing import Dict, List, Optional
@@ -18,17 +17,15 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-TP_METHODS = {
-    "magnitude": lambda tp: tp.importance.GroupMagnitudeImportance(p=2),
-    "taylor": lambda tp: tp.importance.GroupTaylorImportance(),
-    "bn_scale": lambda tp: tp.importance.BNScaleImportance(),
-    "random": lambda tp: tp.importance.RandomImportance(),
-}
-OUR_METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
-ALL_METHODS = OUR_METHODS + tuple(TP_METHODS)
+from ._version import versions
+from .errors import InvalidArgumentError
+from .methods import METHODS
+from .report import format_table
+
+__all__ = ["main", "run", "compare", "build_parser", "build_compare_parser", "CLIError"]
 
 
-class CLIError(Exception):
+class CLIError(InvalidArgumentError):
     """A bad command line or environment, reported in one line before any long work."""
 
 
@@ -60,7 +57,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tp-eigendamage", description=__doc__.split("\n\n")[0])
     _add_common(parser)
-    parser.add_argument("--method", default="eigendamage", help=f"one of {', '.join(ALL_METHODS)}")
+    parser.add_argument("--method", default="eigendamage", help=f"one of {', '.join(METHODS)}")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-params", type=float, default=None,
                         help="share of the original parameters to keep (default 0.5)")
@@ -138,8 +135,8 @@ def _check_writable(path: str) -> None:
 
 
 def _check_method(method: str) -> None:
-    if method not in ALL_METHODS:
-        raise CLIError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    if method not in METHODS:
+        raise CLIError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def _check_fraction(value: float, flag: str) -> None:
@@ -148,8 +145,8 @@ def _check_fraction(value: float, flag: str) -> None:
 
 
 # -- the job -----------------------------------------------------------------------------------
-class _Setup:
-    """Data, loaders and the trained model shared by ``run`` and ``compare``."""
+class _Experiment:
+    """Data, loaders and example inputs shared by ``run`` and ``compare``."""
 
     def __init__(self, args):
         from . import data as data_mod
@@ -191,81 +188,52 @@ def _stats_batches(loader, n: int):
     return batches
 
 
-def _evaluate(model, setup, args) -> Dict[str, float]:
+def _evaluate(model, experiment, args) -> Dict[str, float]:
     from .budget import measure_cost
     from .training import evaluate
 
-    result = dict(evaluate(model, setup.test_loader, device=args.device))
-    cost = measure_cost(model, setup.example_inputs)
+    result = dict(evaluate(model, experiment.test_loader, device=args.device))
+    cost = measure_cost(model, experiment.example_inputs)
     result.update(params=cost.params, flops=cost.flops)
     return result
 
 
-def _finetune_fn(setup, args, epochs: int):
+def _finetune_fn(experiment, args, epochs: int):
     from .training import finetune_callback
 
-    return finetune_callback(setup.train_loader, epochs=epochs, lr=args.finetune_lr, seed=args.seed,
+    return finetune_callback(experiment.train_loader, epochs=epochs, lr=args.finetune_lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress,
                              max_batches=args.max_train_batches)
 
 
 def _prepare(args):
-    """Load data and train (or load) the starting model; returns (setup, model, timings)."""
+    """Load data and train (or load) the starting model; returns (experiment, model, timings)."""
     from .io import load
     from .training import train
 
-    setup = _Setup(args)
+    experiment = _Experiment(args)
     timings = {}
     start = time.perf_counter()
     if args.checkpoint:
         model = load(args.checkpoint, map_location=args.device)
     else:
         torch.manual_seed(args.seed)
-        model = _create_model(args, setup.num_classes).to(args.device)
-        train(model, setup.train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
+        model = _create_model(args, experiment.num_classes).to(args.device)
+        train(model, experiment.train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
               seed=args.seed, progress=not args.no_progress, max_batches=args.max_train_batches)
     timings["train"] = time.perf_counter() - start
-    return setup, model, timings
+    return experiment, model, timings
 
 
-def _importance_or_name(method: str, model, setup, args):
-    """Our method names pass through; Torch-Pruning's become Importance objects."""
-    if method in OUR_METHODS:
-        return method
-    import torch_pruning as tp
-
-    if method == "taylor":
-        _accumulate_grads(model, setup, args)
-    return TP_METHODS[method](tp)
-
-
-def _accumulate_grads(model, setup, args) -> None:
-    """Taylor importance reads ``.grad``: one pass of the statistics batches fills it."""
-    model.zero_grad(set_to_none=True)
-    for x, y in _stats_batches(setup.train_loader, args.stat_batches):
-        nn.functional.cross_entropy(model(x.to(args.device)), y.to(args.device)).backward()
-
-
-def _prune_once(model, setup, args, method: str, target: dict, finetune_epochs: int):
+def _prune_once(model, experiment, args, method: str, target: dict, finetune_epochs: int):
     from .prune import prune
 
     torch.manual_seed(args.seed)
-    importance = _importance_or_name(method, model, setup, args)
-    stats_data = _stats_batches(setup.train_loader, args.stat_batches)
-    finetune = _finetune_fn(setup, args, finetune_epochs) if finetune_epochs > 0 else None
-    return prune(model, stats_data, setup.example_inputs, method=importance,
+    stats_data = _stats_batches(experiment.train_loader, args.stat_batches)
+    finetune = _finetune_fn(experiment, args, finetune_epochs) if finetune_epochs > 0 else None
+    return prune(model, stats_data, experiment.example_inputs, method=method,
                  iterative_steps=args.iterative_steps, finetune=finetune,
                  fisher_type=args.fisher_type, progress=not args.no_progress, **target)
-
-
-def _versions() -> Dict[str, str]:
-    import timm
-    import torch_pruning as tp
-
-    from . import __version__
-
-    return {"tp_eigendamage": __version__, "torch": torch.__version__, "torch_pruning": tp.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
 
 
 def _target_of(args) -> dict:
@@ -280,13 +248,6 @@ def _target_of(args) -> dict:
     return {"target_params": value}
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    return "\n".join(lines + [fmt.format(*r) for r in rows])
-
-
 def run(args) -> dict:
     """The default job: train, prune, fine-tune, report."""
     from .io import save
@@ -296,26 +257,26 @@ def run(args) -> dict:
     _check_method(args.method)
     target = _target_of(args)
     _check_common(args)
-    setup, model, timings = _prepare(args)
-    stages = {"trained": _evaluate(model, setup, args)}
+    experiment, model, timings = _prepare(args)
+    stages = {"trained": _evaluate(model, experiment, args)}
 
-    spectra = _largest_spectra(collect_kfac(model, _stats_batches(setup.train_loader, args.stat_batches),
+    spectra = _largest_spectra(collect_kfac(model, _stats_batches(experiment.train_loader, args.stat_batches),
                                             fisher_type=args.fisher_type, progress=False), k=4)
     start = time.perf_counter()
-    model, report = _prune_once(model, setup, args, args.method, target, finetune_epochs=0)
+    model, report = _prune_once(model, experiment, args, args.method, target, finetune_epochs=0)
     timings["prune"] = time.perf_counter() - start
-    stages["pruned"] = _evaluate(model, setup, args)
+    stages["pruned"] = _evaluate(model, experiment, args)
     start = time.perf_counter()
     if args.finetune_epochs > 0:
-        _finetune_fn(setup, args, args.finetune_epochs)(model, 1)
+        _finetune_fn(experiment, args, args.finetune_epochs)(model, 1)
     timings["finetune"] = time.perf_counter() - start
-    stages["fine-tuned"] = _evaluate(model, setup, args)
+    stages["fine-tuned"] = _evaluate(model, experiment, args)
 
     stage_time = {"trained": timings["train"], "pruned": timings["prune"], "fine-tuned": timings["finetune"]}
     rows = [[name, f"{s['params']:,}", f"{s['flops'] / 1e6:.2f}M", f"{s['accuracy']:.2%}",
              f"{s['loss']:.4f}", f"{stage_time[name]:.1f}s"] for name, s in stages.items()]
-    print(f"\n{args.model} on {setup.data_name} ({args.image_size}px), method {args.method}, {target}")
-    print(_table(["stage", "params", "FLOPs", "test acc", "test loss", "time"], rows))
+    print(f"\n{args.model} on {experiment.data_name} ({args.image_size}px), method {args.method}, {target}")
+    print(format_table(["stage", "params", "FLOPs", "test acc", "test loss", "time"], rows))
     print(f"\n{report}")
 
     os.makedirs(args.out, exist_ok=True)
@@ -324,7 +285,7 @@ def run(args) -> dict:
     plot_layer_widths(report_dict["layers"], os.path.join(args.out, "layer_widths.png"))
     plot_spectra(spectra, os.path.join(args.out, "eigen_spectra.png"))
     result = {"config": {k: v for k, v in vars(args).items() if k != "command"}, "target": target,
-              "stages": stages, "timings": timings, "pruning": report_dict, "versions": _versions()}
+              "stages": stages, "timings": timings, "pruning": report_dict, "versions": versions()}
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"\nwrote {args.out}/pruned_model.pt, report.json, layer_widths.png, eigen_spectra.png")
@@ -355,17 +316,17 @@ def compare(args) -> dict:
     if any(b < 0 for b in budgets):
         raise CLIError("--finetune-epochs values must be >= 0")
     _check_common(args)
-    setup, trained, _ = _prepare(args)
-    base = _evaluate(trained, setup, args)
+    experiment, trained, _ = _prepare(args)
+    base = _evaluate(trained, experiment, args)
     results = []
     for method in methods:
         for target in targets:
             for budget in budgets:
                 model = copy.deepcopy(trained)
                 start = time.perf_counter()
-                model, report = _prune_once(model, setup, args, method, {"target_params": target}, budget)
+                model, report = _prune_once(model, experiment, args, method, {"target_params": target}, budget)
                 seconds = time.perf_counter() - start
-                ev = _evaluate(model, setup, args)
+                ev = _evaluate(model, experiment, args)
                 results.append({"method": method, "target_params": target, "finetune_epochs": budget,
                                 "params_fraction": report.params_fraction,
                                 "flops_fraction": report.flops_fraction,
@@ -373,11 +334,11 @@ def compare(args) -> dict:
     rows = [[r["method"], f"{r['target_params']:.2f}", str(r["finetune_epochs"]),
              f"{r['params_fraction']:.3f}", f"{r['flops_fraction']:.3f}", f"{r['accuracy']:.2%}",
              f"{r['loss']:.4f}"] for r in results]
-    print(f"\n{args.model} on {setup.data_name}: unpruned test accuracy {base['accuracy']:.2%}, "
+    print(f"\n{args.model} on {experiment.data_name}: unpruned test accuracy {base['accuracy']:.2%}, "
           f"loss {base['loss']:.4f}")
-    print(_table(["method", "target", "ft epochs", "params kept", "FLOPs kept", "test acc",
+    print(format_table(["method", "target", "ft epochs", "params kept", "FLOPs kept", "test acc",
                   "test loss"], rows))
-    out = {"config": vars(args), "baseline": base, "results": results, "versions": _versions()}
+    out = {"config": vars(args), "baseline": base, "results": results, "versions": versions()}
     with open(os.path.join(args.out, "compare.json"), "w") as fh:
         json.dump(out, fh, indent=2)
     plot_compare(results, os.path.join(args.out, "compare.png"))

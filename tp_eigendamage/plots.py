@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
+__all__ = ["plot_layer_widths", "plot_spectra", "plot_compare"]
+
 import matplotlib
 
 matplotlib.use("Agg")
