@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 import tp_eigendamage as ted
+from _failing import FailingData, HardCoded
 from tp_eigendamage import PruneArgumentError, PruningError
 
 def n_params(model):
@@ -67,8 +68,8 @@ def test_prune_reaches_target_within_two_percent(name, kwargs, size, method, kin
     out_shape = model(x).shape
     seen = []
 
-    def finetune(m, r):
-        assert m is model
+    def finetune(m, r):   # gets prune()'s working copy, which moves into `model` on success
+        assert m is not model and type(m) is type(model)
         seen.append((r, measure(m) / cost0))
 
     pruned, report = ted.prune(model, batches(size), x, method=method, iterative_steps=rounds,
@@ -241,50 +242,17 @@ def test_failure_in_a_later_round_leaves_the_model_unchanged():
     assert model(x).shape == (2, 10)
 
 
-class FailingData:
-    """Batches for the first statistics pass; raises during the second."""
-
-    def __init__(self, data):
-        self.data, self.passes = data, 0
-
-    def __iter__(self):
-        self.passes += 1
-        for i, batch in enumerate(self.data):
-            if self.passes == 2 and i == 1:
-                raise Boom()
-            yield batch
-
-
 def test_failure_during_statistics_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = SmallNet().eval()
     x = torch.randn(2, 3, 8, 8)
     before = snapshot(model)
-    data = FailingData(batches(8))
+    data = FailingData(batches(8), Boom())
     with pytest.raises(Boom):
         ted.prune(model, data, x, method="eigendamage", pruning_ratio=0.5, iterative_steps=2,
                   ignored_layers=[model.head], progress=False)
     assert data.passes == 2
     assert_unchanged(model, before)
-
-
-class Squash(nn.Module):
-    """Reshapes to a hard-coded channel count: breaks once its input channels are pruned."""
-
-    def forward(self, x):
-        return x.reshape(x.shape[0], 8, -1).mean(-1)
-
-
-class HardCoded(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.squash = Squash()
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.squash(torch.relu(self.b(torch.relu(self.a(x))))))
 
 
 def test_model_torch_pruning_breaks_gives_a_clear_error_and_no_change():

@@ -8,7 +8,10 @@ it was found.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+import collections.abc
+import itertools
+import warnings
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -17,11 +20,14 @@ from . import fisher
 from ._model_state import model_device, preserved_model_state
 from ._options import FISHER_TYPES, check_choice
 from .batches import batch_size, default_batch_fn, default_forward_fn, to_device
-from .errors import KFACError
+from .errors import FisherInputError, KFACError, TPEigenDamageError
 from .layers import adapter_for, example_chunks
 
-__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "select_modules",
-           "all_reduce_sums"]
+__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "check_data",
+           "is_one_shot", "select_modules", "all_reduce_sums", "PASS_OPTIONS"]
+
+#: The keyword options every Fisher pass takes (``collect_kfac`` adds its own).
+PASS_OPTIONS = ("num_batches", "fisher_type", "loss_fn", "sample_fn", "batch_fn", "forward_fn", "progress")
 
 
 class OutputTap:
@@ -99,12 +105,54 @@ class PerExampleGradientTap(OutputTap):
 
 
 def _raise_if_non_finite(taps: Sequence[OutputTap], step: int) -> None:
+    """Blame the first tap whose sums went non-finite. After a forward, taps in forward order
+    (the first layer whose INPUT went bad); after a backward, pass them reversed (gradients go
+    bad from the output backwards, so the layer nearest the output is the first)."""
     for tap in taps:
         bad = tap.non_finite()
         if bad is not None:
             raise KFACError(
                 f"non-finite {bad} at layer '{tap.name}' in batch {step}; check the inputs, the "
                 "model's weights and the loss (e.g. lower the learning rate)")
+
+
+def _raise_if_non_finite_state(model: nn.Module) -> None:
+    """Name the first parameter or buffer holding NaN / Inf (before any pass starts)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise KFACError(
+                    f"{kind} '{name}' holds NaN or Inf values, so every output it reaches is "
+                    "non-finite; restore the model from a good checkpoint (e.g. training diverged: "
+                    "lower the learning rate)")
+
+
+def _raise_if_non_finite_outputs(outputs, step: int) -> None:
+    tensors = [outputs] if isinstance(outputs, torch.Tensor) else (
+        list(outputs.values()) if isinstance(outputs, collections.abc.Mapping) else
+        list(outputs) if isinstance(outputs, (tuple, list)) else [])
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FisherInputError(
+                f"the model's outputs hold NaN or Inf in batch {step} although its parameters and "
+                "every covered layer's inputs are finite: something after the last Conv2d/Linear "
+                "overflowed or divided by zero (check the inputs' scale and the model's last "
+                "operations)")
+
+
+def check_data(data, error: Type[Exception] = KFACError) -> None:
+    """``data`` must be an iterable of batches (not None, not a single tensor)."""
+    if isinstance(data, torch.Tensor):
+        raise error("data is a single tensor; pass an iterable of batches, e.g. "
+                    "[(inputs, targets)] or a DataLoader")
+    if not (hasattr(type(data), "__iter__") or hasattr(type(data), "__getitem__")):
+        raise error(f"data is {type(data).__name__}, not an iterable of batches; pass e.g. "
+                    "[(inputs, targets)] or a DataLoader")
+
+
+def is_one_shot(data) -> bool:
+    """True for an iterator (a generator, ``iter(loader)``): it can be read only once."""
+    return isinstance(data, collections.abc.Iterator)
 
 
 def check_pass_options(fisher_type: str, num_batches: Optional[int], sample_fn: Optional[Callable]) -> None:
@@ -149,6 +197,13 @@ def fisher_passes(
     Returns the number of examples seen.
     """
     check_pass_options(fisher_type, num_batches, sample_fn)
+    check_data(data)
+    total = _total_batches(data, num_batches)
+    if total is None:
+        warnings.warn(f"{desc}: data has no len() and num_batches=None, so the pass reads until the "
+                      "iterable ends (an endless iterator never does); pass num_batches= to bound it",
+                      stacklevel=3)
+    _raise_if_non_finite_state(model)
     loss_fn = loss_fn or fisher.cross_entropy
     sample_fn = sample_fn or fisher.sample_categorical
     device = model_device(model)
@@ -159,20 +214,21 @@ def fisher_passes(
     try:
         with preserved_model_state(model):
             handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
-            bar = tqdm(data, total=_total_batches(data, num_batches), desc=desc, disable=not progress,
-                       leave=False)
+            bar = tqdm(itertools.islice(data, num_batches), total=total, desc=desc,
+                       disable=not progress, leave=False)
             for step, batch in enumerate(bar):
-                if num_batches is not None and step >= num_batches:
-                    break
                 inputs, targets = batch_fn(batch)
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 try:
                     outputs = forward_fn(model, inputs)
+                except TPEigenDamageError:
+                    raise
                 except Exception as exc:
                     raise KFACError(
                         f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
                         "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
                 _raise_if_non_finite(taps, step)
+                _raise_if_non_finite_outputs(outputs, step)
                 if fisher_type == "true":
                     targets = sample_fn(outputs)
                 elif targets is None:
@@ -185,12 +241,16 @@ def fisher_passes(
                     raise KFACError(
                         f"loss_fn must return one loss per example, shape (N,), got {shape}; "
                         "use reduction='none' so the factors are scaled per example")
+                if not bool(torch.isfinite(losses.detach()).all()):
+                    raise FisherInputError(
+                        f"loss_fn returned NaN or Inf in batch {step} for finite model outputs; "
+                        "check the targets and the loss (e.g. log of zero)")
                 probes = [p for t in taps for p in t.take_probes()]
                 if probes and losses.requires_grad:
                     torch.autograd.grad(losses.sum(), probes, allow_unused=True)
                 for t in taps:
                     t.end_batch()
-                _raise_if_non_finite(taps, step)
+                _raise_if_non_finite(taps[::-1], step)
                 num_examples += losses.shape[0]
     finally:
         for h in handles:
@@ -198,8 +258,17 @@ def fisher_passes(
         if bar is not None:
             bar.close()
     if num_examples == 0:
-        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+        raise KFACError(empty_data_message(data))
     return num_examples
+
+
+def empty_data_message(data) -> str:
+    """Why a pass saw no batch: an empty iterable, or an iterator already used up."""
+    if is_one_shot(data):
+        return (f"data yielded no batches: it is a one-shot iterator ({type(data).__name__}) that "
+                "was already used up, e.g. by an earlier pass or round; pass a list of batches or "
+                "a DataLoader, which can be read again")
+    return "data yielded no batches; pass a non-empty iterable of batches"
 
 
 def select_modules(model: nn.Module, modules: Optional[Iterable[nn.Module]]) -> List[Tuple[str, nn.Module]]:

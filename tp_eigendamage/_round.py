@@ -22,6 +22,7 @@ from . import _tp
 from .batches import to_device
 from .budget import Cost, measure_cost
 from .damage import obs_compensation
+from .errors import TargetUnreachableError
 from .kfe import fold_kfe, kfe_part
 from .layers import adapter_for
 from .methods import Method
@@ -45,7 +46,8 @@ class PruneConfig:
 
     example_inputs: Any
     method: Method
-    ignored: List[nn.Module]
+    ignored: List[nn.Module]      # the user's ignored layers and the output layers
+    outputs: List[nn.Module]      # the layers producing the model's outputs
     cap: float
     initial: Dict[str, Tuple[int, int]]
     global_pruning: bool
@@ -203,6 +205,17 @@ def _compensate(groups, stats) -> None:
         obs_compensation(m, stats[m], sorted(set(idxs)))
 
 
+def _nothing_to_prune(config: PruneConfig, names: Dict[int, str]) -> TargetUnreachableError:
+    def listed(modules):
+        return ", ".join(f"'{names.get(id(m), '?')}'" for m in modules) or "none"
+
+    user = [m for m in config.ignored if all(m is not o for o in config.outputs)]
+    return TargetUnreachableError(
+        "nothing can be pruned: every layer's output channels are either model outputs (never "
+        f"pruned: {listed(config.outputs)}) or ignored (ignored_layers: {listed(user)}), or "
+        "Torch-Pruning found no prunable group; the model has no hidden channels to remove")
+
+
 class Round:
     """One round on ``model``: one pruner, every group scored once, candidates measured on twins."""
 
@@ -213,6 +226,8 @@ class Round:
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)
         list(_tp.groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
+        if not self.importance.scores:
+            raise _nothing_to_prune(config, self.importance.names)
         self.meta = True
         self.trials = 0
 

@@ -3,23 +3,30 @@ entry points goes through here, so an upgrade is checked in one place.
 
 Tested with torch-pruning 1.6.1 (the newest release). Public names are used where Torch-Pruning
 has them (``dep.layer``, ``dep.pruning_fn``, ``GroupItem.root_idxs``); the two internals left
-are a group's dependency graph (``group._DG``, which Torch-Pruning's own groups use to prune)
-and the pruner's per-step ratio schedule, set to prune at one chosen ratio.
+are a group's dependency graph (``group._DG``, which Torch-Pruning's own groups use to prune),
+the pruner's per-step ratio schedule, set to prune at one chosen ratio, and the traced graph's
+nodes (``DG.module2node``, ``node.inputs`` / ``node.outputs``) for finding the model's outputs.
+
+Tracing leaks nothing: Torch-Pruning's tracer puts the model in eval mode and follows
+``grad_fn`` links, so it runs here with every mode flag restored afterwards and every parameter
+temporarily trainable (a frozen layer's output would have no ``grad_fn`` and be left out).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ._model_state import preserved_model_state
 from .batches import default_forward_fn
 from .errors import PruningError, TPEigenDamageError
 
-__all__ = ["Group", "Member", "group_model", "group_root", "members", "make_pruner", "groups_at",
-           "count_ops_and_params", "pruning_errors", "failing_module", "IGNORE_HINT"]
+__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "traceable",
+           "trace_graph", "make_pruner", "groups_at", "count_ops_and_params", "pruning_errors",
+           "failing_module", "IGNORE_HINT"]
 
 Group = tp.dependency.Group
 
@@ -57,11 +64,53 @@ def members(group: Group) -> Iterator[Member]:
                      DG.is_out_channel_pruning_fn(fn), DG.is_in_channel_pruning_fn(fn))
 
 
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """Gradients on and every parameter trainable inside; modes and ``requires_grad`` restored
+    after (see the module docstring)."""
+    with torch.enable_grad(), preserved_model_state(model):
+        yield
+
+
+#: ``BasePruner`` keyword arguments that change how the model is traced.
+_TRACING_KWARGS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
+
+
+class TracedGraph(NamedTuple):
+    """One traced forward as Torch-Pruning sees it. Nodes are modules or Torch-Pruning's
+    operation objects (element-wise, concatenation, reshape, ...)."""
+
+    ends: List[Any]                 # the nodes producing the model's outputs
+    inputs: Dict[Any, List[Any]]    # node → the nodes it reads
+    channel_layers: Set[Any]        # modules with output channels of their own (conv, linear, ...)
+
+
+def _own_channels(DG, module) -> bool:
+    """True for a module whose output channels are not its input channels (Torch-Pruning prunes
+    them with a different function), e.g. conv / linear but not BatchNorm."""
+    pruner = DG.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+    return pruner is not None and type(pruner).prune_in_channels is not type(pruner).prune_out_channels
+
+
+def trace_graph(model: nn.Module, example_inputs, **tp_kwargs) -> TracedGraph:
+    """Trace ``model(example_inputs)`` with Torch-Pruning (the tracing options among
+    ``tp_kwargs`` apply) and return its graph."""
+    options = {k: tp_kwargs[k] for k in _TRACING_KWARGS if k in tp_kwargs}
+    with traceable(model):
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+    nodes = list(DG.module2node.values())
+    return TracedGraph(ends=[n.module for n in nodes if not n.outputs],
+                       inputs={n.module: [i.module for i in n.inputs] for n in nodes},
+                       channel_layers={n.module for n in nodes if _own_channels(DG, n.module)})
+
+
 def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, global_pruning: bool,
                 ignored_layers: List[nn.Module], **kwargs) -> tp.pruner.BasePruner:
-    """A ``BasePruner`` that removes ``ratio`` of the channels in one step."""
-    return tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
-                                global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
+    """A ``BasePruner`` that removes ``ratio`` of the channels in one step (traced without
+    leaking mode or ``requires_grad`` changes, frozen layers included)."""
+    with traceable(model):
+        return tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                                    global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
 
 
 def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:

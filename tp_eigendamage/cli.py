@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ._model_state import restored_modes
 from ._version import versions
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ModelFileError, TPEigenDamageError
 from .methods import METHODS
 from .report import format_table
 
@@ -52,6 +53,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="start from a model saved with tp_eigendamage.save instead of training")
     p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out folder (replacing files of the same name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +110,12 @@ def _check_common(args) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.data != "digits" and not os.path.isdir(args.data):
         raise CLIError(f"--data {args.data!r} is neither 'digits' nor an existing folder")
+    if args.data == "digits" and args.image_size < 8:
+        raise CLIError(f"--image-size {args.image_size} is smaller than the 8x8 digits; use 8 or more (e.g. 32)")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise CLIError(f"--checkpoint {args.checkpoint!r} does not exist")
     args.device = _device(args.device)
-    _check_writable(args.out)
+    _check_out(args.out, args.overwrite)
 
 
 def _device(name: str) -> str:
@@ -121,6 +126,15 @@ def _device(name: str) -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise CLIError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
     return name
+
+
+def _check_out(path: str, overwrite: bool) -> None:
+    """``--out`` must be new or empty (unless ``--overwrite``), and writable."""
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if entries and not overwrite:
+        raise CLIError(f"--out {path!r} is not empty (it holds {', '.join(entries[:3])}"
+                       f"{', ...' if len(entries) > 3 else ''}); choose another folder or pass --overwrite")
+    _check_writable(path)
 
 
 def _check_writable(path: str) -> None:
@@ -206,6 +220,18 @@ def _finetune_fn(experiment, args, epochs: int):
                              max_batches=args.max_train_batches)
 
 
+def _check_runs(model: nn.Module, experiment, args) -> None:
+    """One forward on an example input before any training: a model that cannot take the
+    chosen image size fails here, in one line."""
+    try:
+        with torch.no_grad(), restored_modes(model):
+            model.eval()(experiment.example_inputs)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise CLIError(f"the model cannot run on {args.image_size}x{args.image_size} inputs "
+                       f"({type(exc).__name__}: {first_line}); use a larger --image-size") from None
+
+
 def _prepare(args):
     """Load data and train (or load) the starting model; returns (experiment, model, timings)."""
     from .io import load
@@ -215,10 +241,15 @@ def _prepare(args):
     timings = {}
     start = time.perf_counter()
     if args.checkpoint:
-        model = load(args.checkpoint, map_location=args.device)
+        try:
+            model = load(args.checkpoint, map_location=args.device)
+        except ModelFileError as exc:
+            raise CLIError(f"--checkpoint: {exc}") from None
+        _check_runs(model, experiment, args)
     else:
         torch.manual_seed(args.seed)
         model = _create_model(args, experiment.num_classes).to(args.device)
+        _check_runs(model, experiment, args)
         train(model, experiment.train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
               seed=args.seed, progress=not args.no_progress, max_batches=args.max_train_batches)
     timings["train"] = time.perf_counter() - start
@@ -256,6 +287,8 @@ def run(args) -> dict:
 
     _check_method(args.method)
     target = _target_of(args)
+    if args.finetune_epochs < 0:
+        raise CLIError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     _check_common(args)
     experiment, model, timings = _prepare(args)
     stages = {"trained": _evaluate(model, experiment, args)}
@@ -346,6 +379,10 @@ def compare(args) -> dict:
     return out
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -353,9 +390,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             compare(build_compare_parser().parse_args(argv[1:]))
         else:
             run(build_parser().parse_args(argv))
-    except CLIError as exc:
-        print(f"tp-eigendamage: error: {exc}", file=sys.stderr)
+    except InvalidArgumentError as exc:   # bad input: the command line, files, data
+        print(f"tp-eigendamage: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except TPEigenDamageError as exc:     # e.g. an unreachable target
+        print(f"tp-eigendamage: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

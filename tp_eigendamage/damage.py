@@ -125,6 +125,8 @@ def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Seq
 
 # -- on a layer: Kron-OBS joint damage and compensation ---------------------------------------
 def _obs_operands(module: nn.Module, factors: KFACFactors, removed_in_idxs):
+    """``(w, A, S, removed channels)``; the input features of a Linear with channel-structured
+    factors are mapped to its channels (whole channels only)."""
     adapter = adapter_for(module)
     if adapter is None:
         raise InvalidArgumentError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
@@ -137,7 +139,14 @@ def _obs_operands(module: nn.Module, factors: KFACFactors, removed_in_idxs):
     if bad or len(removed_in_idxs) == 0:
         raise InvalidArgumentError(f"removed_in_idxs must be a non-empty list of input channels in "
                          f"[0, {n_in}); got {list(removed_in_idxs) if bad == [] else bad}")
-    return adapter.weight_blocks(module), factors.input_blocks, factors.grad_blocks
+    positions = factors.flattened_positions
+    features = sorted({int(c) for c in removed_in_idxs})
+    channels = sorted({c // positions for c in features})
+    if len(features) != len(channels) * positions:
+        raise InvalidArgumentError(
+            f"'{factors.name}' has channel-structured factors ({positions} inputs per channel of "
+            "its flattened input); remove whole channels (all their inputs) at once")
+    return factors.weight_blocks(module), factors.input_blocks, factors.grad_blocks, channels
 
 
 def obs_damage(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
@@ -147,8 +156,8 @@ def obs_damage(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequenc
 
     ``factors`` is ``stats[module]``; ``damping`` γ regularizes ``A`` as ``A + γ·mean(diag A)·I``.
     """
-    w, A, S = _obs_operands(module, factors, removed_in_idxs)
-    return obs_in_joint(w, A, S, removed_in_idxs, damping)[0]
+    w, A, S, channels = _obs_operands(module, factors, removed_in_idxs)
+    return obs_in_joint(w, A, S, channels, damping)[0]
 
 
 def obs_compensation(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
@@ -159,8 +168,8 @@ def obs_compensation(module: nn.Module, factors: KFACFactors, removed_in_idxs: S
     which zeroes the columns ``P`` (remove them afterwards, e.g. with Torch-Pruning) and
     compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (docs/method.md §8).
     """
-    w, A, S = _obs_operands(module, factors, removed_in_idxs)
-    delta = obs_in_joint(w, A, S, removed_in_idxs, damping)[1].reshape(module.weight.shape)
+    w, A, S, channels = _obs_operands(module, factors, removed_in_idxs)
+    delta = obs_in_joint(w, A, S, channels, damping)[1].reshape(module.weight.shape)
     delta = delta.to(module.weight.dtype)
     if apply:
         with torch.no_grad():

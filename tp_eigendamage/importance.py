@@ -207,10 +207,18 @@ class KroneckerOBDImportance(_ChannelImportance):
         if f.factor_mode != "channel":
             raise InvalidArgumentError(f"channel criteria need factor_mode='channel' statistics, layer "
                              f"'{f.name}' has {f.factor_mode!r}; collect_kfac(..., factor_mode='channel')")
-        return adapter_for(module).weight_blocks(module), f.input_blocks, f.grad_blocks
+        return f.weight_blocks(module), f.input_blocks, f.grad_blocks
+
+    @staticmethod
+    def _per_input(module, stats, per_channel: torch.Tensor) -> torch.Tensor:
+        """Input damages per input of ``module``: a Linear with channel-structured factors
+        spreads each channel's damage evenly over its flattened inputs (Torch-Pruning removes
+        them together, so a group's sum is the channel's damage)."""
+        positions = stats[module].flattened_positions
+        return per_channel if positions == 1 else per_channel.repeat_interleave(positions) / positions
 
     def _in_damage(self, module, stats):
-        return damage.kron_in_damage(*self._curvature(module, stats))
+        return self._per_input(module, stats, damage.kron_in_damage(*self._curvature(module, stats)))
 
     def _out_damage(self, module, stats):
         return damage.kron_out_damage(*self._curvature(module, stats))
@@ -236,7 +244,7 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
         self.damping = float(damping)
 
     def _in_damage(self, module, stats):
-        return damage.obs_in_damage(*self._curvature(module, stats), self.damping)
+        return self._per_input(module, stats, damage.obs_in_damage(*self._curvature(module, stats), self.damping))
 
     def _out_damage(self, module, stats):
         return damage.obs_out_damage(*self._curvature(module, stats), self.damping)

@@ -11,6 +11,7 @@ packages and nothing else — together with a small header::
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -35,13 +36,18 @@ def save(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
 
     Raises:
         ModelFileError: the folder of ``path`` does not exist.
-        InvalidArgumentError: ``model`` is not a module, or it cannot be pickled.
+        InvalidArgumentError: ``model`` is not a module, ``path`` is a directory, the metadata
+            or the model cannot be pickled.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"save() needs an nn.Module, got {type(model).__name__}")
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"{path!r} is a directory; give a file path to save to, e.g. "
+                                   f"{os.path.join(path, 'model.pt')!r}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ModelFileError(f"directory {directory!r} does not exist; create it before saving to {path!r}")
+    _check_metadata(metadata)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
                "metadata": dict(metadata or {}), "model": model}
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -55,6 +61,16 @@ def save(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _check_metadata(metadata: Optional[dict]) -> None:
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidArgumentError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        torch.save(dict(metadata or {}), io.BytesIO())
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise InvalidArgumentError(f"the metadata cannot be pickled ({exc}); keep it to plain data "
+                                   "(numbers, strings, lists, dicts, tensors)") from exc
 
 
 def load_with_metadata(path: str, map_location=None) -> Tuple[nn.Module, dict]:

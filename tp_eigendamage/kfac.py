@@ -14,6 +14,18 @@ with this split of the scale (``N`` examples, ``T`` output locations / tokens pe
 so ``A ⊗ S`` is the KFC "expand" approximation of ``E_n[∇ℓ_n ∇ℓ_nᵀ]`` and does not depend
 on the batch size. Grouped convolutions get one factor pair per group: ``input_factor`` is
 ``(G, d_in, d_in)`` and ``grad_factor`` ``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
+
+Huge layers: a factor of dimension ``d`` takes ``4 d²`` bytes (float32) and its float64
+eigendecomposition about ``24 d²`` more and ``O(d³)`` time. Before any allocation, every
+factor is checked against ``max_factor_dim`` (default :data:`MAX_FACTOR_DIM`). A Linear whose
+input factor would be larger but which reads a flattened ``C×H×W`` map (e.g. VGG's first
+classifier layer, 512·7·7 = 25088 inputs) gets channel-structured factors instead: ``A`` is
+``C×C`` over the channel vectors at the ``H·W`` positions, which play the part of kernel
+offsets in channel mode (``flattened_positions = H·W``; docs/method.md §2) — exactly how
+Torch-Pruning couples those inputs to the channels producing them. Any other factor above the
+cap raises :class:`~tp_eigendamage.errors.KFACError` naming the layer, the factor size and
+the option.
+
 The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_factor` returns
 ``[[A, E a], [E aᵀ, 1]]``; ``input_factor`` is the weight block alone (as curvlinops'
 ``separate_weight_and_bias=True``).
@@ -32,8 +44,13 @@ from ._passes import OutputTap, all_reduce_sums, check_pass_options, fisher_pass
 from .batches import default_batch_fn, default_forward_fn
 from .errors import KFACError, StaleStatisticsError
 from .layer_statistics import LayerStatistics
+from .layers import adapter_for
 
-__all__ = ["KFACFactors", "KFACStats", "collect_kfac", "clamped_eigh"]
+__all__ = ["KFACFactors", "KFACStats", "collect_kfac", "clamped_eigh", "MAX_FACTOR_DIM"]
+
+#: Default cap on a factor's dimension: an 8192×8192 float32 factor takes 256 MiB (its
+#: float64 eigendecomposition about 1.5 GiB more).
+MAX_FACTOR_DIM = 8192
 
 
 def clamped_eigh(matrix: torch.Tensor, rel_tol: float = 1e-10) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +66,9 @@ class KFACFactors:
     """K-FAC factors of one layer (see the module docstring for shapes and scale).
 
     ``layer_kind`` is the adapter's layer kind (``"linear"`` / ``"conv2d"``); the ``*_sum``
-    tensors and counts are the running sums the factors are means of.
+    tensors and counts are the running sums the factors are means of. ``flattened_positions``
+    is ``P > 1`` for a Linear with channel-structured factors (module docstring): ``A`` is
+    over its ``in/P`` channels and :meth:`weight_blocks` views its weight as ``(1, out, in/P, P)``.
     """
 
     name: str
@@ -63,6 +82,7 @@ class KFACFactors:
     input_count: float = 0.0
     num_examples: float = 0.0
     has_bias: bool = False
+    flattened_positions: int = 1
     _eigen: Optional[tuple] = field(default=None, repr=False)
 
     def _ungroup(self, t: torch.Tensor) -> torch.Tensor:
@@ -114,6 +134,11 @@ class KFACFactors:
             self._eigen = tuple(self._ungroup(t) for t in (lam_a, q_a, lam_s, q_s))
         return self._eigen
 
+    def weight_blocks(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight as ``(G, d_out, d_in, K)`` blocks matching these factors' ``A``
+        (channel mode; ``K`` = kernel offsets, or the positions of a flattened map)."""
+        return adapter_for(module).weight_blocks(module, self.flattened_positions)
+
     def check(self, module: nn.Module) -> None:
         """Raise :class:`StaleStatisticsError` unless ``module`` still has the shape seen."""
         weight = getattr(module, "weight", None)
@@ -157,32 +182,63 @@ class KFACStats(LayerStatistics[KFACFactors]):
                 f"fisher_type={self.fisher_type!r}, examples={self.num_examples:g})")
 
 
+def _gib(dim: int) -> str:
+    return f"{4 * dim * dim / 2 ** 30:.2g} GiB"
+
+
 class _LayerCollector(OutputTap):
     """Records ``Σ a aᵀ`` at forward and ``Σ g gᵀ`` at backward for one layer."""
 
-    def __init__(self, name: str, module: nn.Module, factor_mode: str):
+    def __init__(self, name: str, module: nn.Module, factor_mode: str, max_factor_dim: int):
         super().__init__(name, module)
-        self.factor_mode = factor_mode
+        self.factor_mode, self.max_factor_dim = factor_mode, max_factor_dim
         self.factors: Optional[KFACFactors] = None
 
-    def _ensure(self, device) -> KFACFactors:
+    def _too_large(self, side: str, dim: int, hint: str = "") -> KFACError:
+        return KFACError(
+            f"layer '{self.name}' ({type(self.module).__name__}) needs a {dim}×{dim} {side} factor "
+            f"({_gib(dim)} in float32, several times that to eigendecompose), above "
+            f"max_factor_dim={self.max_factor_dim}{hint}. Raise max_factor_dim= if the memory and "
+            "time are acceptable, or leave the layer out (collect_kfac(modules=...)).")
+
+    def _positions(self, x: torch.Tensor) -> int:
+        """1, or the positions of a flattened map when the dense input factor is too large."""
+        a, m = self.adapter, self.module
+        dense = a.input_dim(m, self.factor_mode)
+        if dense <= self.max_factor_dim:
+            return 1
+        structure = a.flattened_map(m, x)
+        if structure is None or self.factor_mode != "channel":
+            raise self._too_large("input", dense, "" if self.factor_mode != "channel" else
+                                  ", and its input is not a flattened C×H×W map that could be "
+                                  "factored per channel")
+        channels, positions = structure
+        if channels > self.max_factor_dim:
+            raise self._too_large("input", channels, " even per channel of its flattened input")
+        return positions
+
+    def _ensure(self, x: torch.Tensor) -> KFACFactors:
         if self.factors is None:
             a, m = self.adapter, self.module
-            G, d_in, d_out = a.groups(m), a.input_dim(m, self.factor_mode), a.output_dim(m)
+            positions = self._positions(x)
+            G, d_in, d_out = a.groups(m), a.input_dim(m, self.factor_mode, positions), a.output_dim(m)
+            if d_out > self.max_factor_dim:
+                raise self._too_large("output", d_out)
 
             def zeros(*shape):
-                return torch.zeros(*shape, device=device, dtype=torch.float32)
+                return torch.zeros(*shape, device=x.device, dtype=torch.float32)
 
             self.factors = KFACFactors(
                 name=self.name, layer_kind=a.layer_kind, factor_mode=self.factor_mode,
                 weight_shape=m.weight.shape, groups=G, input_sum=zeros(G, d_in, d_in),
                 input_mean_sum=zeros(G, d_in), grad_sum=zeros(G, d_out, d_out),
-                has_bias=getattr(m, "bias", None) is not None)
+                has_bias=getattr(m, "bias", None) is not None, flattened_positions=positions)
         return self.factors
 
     def on_forward(self, x, output):
-        f = self._ensure(x.device)
-        xx, xsum, count = self.adapter.input_moments(self.module, x, output.shape, self.factor_mode)
+        f = self._ensure(x)
+        xx, xsum, count = self.adapter.input_moments(self.module, x, output.shape, self.factor_mode,
+                                                     f.flattened_positions)
         f.input_sum += xx
         f.input_mean_sum += xsum
         f.input_count += count
@@ -215,6 +271,7 @@ def collect_kfac(
     batch_fn: Callable = default_batch_fn,
     forward_fn: Callable = default_forward_fn,
     progress: bool = True,
+    max_factor_dim: int = MAX_FACTOR_DIM,
 ) -> KFACStats:
     """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer.
 
@@ -233,13 +290,17 @@ def collect_kfac(
         batch_fn: ``batch -> (inputs, targets)``; see :func:`~tp_eigendamage.batches.default_batch_fn`.
         forward_fn: ``(model, inputs) -> outputs``; see :func:`~tp_eigendamage.batches.default_forward_fn`.
         progress: show a tqdm progress bar.
+        max_factor_dim: the largest factor dimension allowed (module docstring): a Linear
+            reading a flattened map above it gets channel-structured factors, anything else
+            above it raises before allocating.
 
     Returns:
         :class:`KFACStats`, keyed by module (``stats.for_model(copy)`` re-keys them onto a copy).
 
     Raises:
         KFACError: bad options or data, a model that cannot consume a batch, non-finite
-            activations or gradients (naming the layer), a loss that is not per example.
+            parameters, activations, outputs or gradients (naming the layer), a loss that is
+            not per example, a factor above ``max_factor_dim``.
 
     Cost per batch: one forward and one backward that stops at the layer outputs (no weight
     gradient is formed; docs/method.md §1), plus the factor sums. The model is evaluated in
@@ -249,8 +310,10 @@ def collect_kfac(
     """
     check_pass_options(fisher_type, num_batches, sample_fn)
     check_choice(factor_mode, "factor_mode", FACTOR_MODES, KFACError)
+    if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
+        raise KFACError(f"max_factor_dim={max_factor_dim!r}; pass a positive integer (default {MAX_FACTOR_DIM})")
     selected = select_modules(model, None if modules is None else list(modules))
-    collectors = [_LayerCollector(n, m, factor_mode) for n, m in selected]
+    collectors = [_LayerCollector(n, m, factor_mode, max_factor_dim) for n, m in selected]
     num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
                                  fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
                                  batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,

@@ -5,14 +5,21 @@
   core has fresh statistics and merges the new rotations into the existing rotation layers
   (§7), so a block never gets deeper than three stages.
 * :func:`fold_kfe` multiplies a block back into one dense layer ``W' = Q_S' W*' Q_A'ᵀ`` (§6).
+
+Hooks: a block computes exactly what the layer it replaces computed, so it takes over that
+layer's forward (pre-)hooks and backward hooks — the very hook tables, so the user's handles
+still remove them — and a fold hands them on to the dense layer. State-dict hooks are not
+carried (the block's parameter names differ); a layer that has some gets a warning naming it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from .errors import KFEError
+from ._model_state import has_state_dict_hooks, share_hooks
+from .errors import KFEError, StaleStatisticsError
 from .heads import classifier_layers
 from .kfac import KFACStats
 from .kfe_block import KFEBlock, is_plain_layer
@@ -44,7 +51,13 @@ def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
     return places
 
 
-def _swap(places, old: nn.Module, new: nn.Module) -> None:
+def _swap(places, old: nn.Module, new: nn.Module, name: str) -> None:
+    """Register ``new`` wherever ``old`` is, with ``old``'s call hooks (module docstring)."""
+    share_hooks(old, new, state_dict=False)
+    if has_state_dict_hooks(old):
+        warnings.warn(f"'{name}' has state-dict hooks; they stay on the replaced "
+                      f"{type(old).__name__} and do not apply to its {type(new).__name__}",
+                      stacklevel=3)
     for parent, attr in places[id(old)]:
         setattr(parent, attr, new)
 
@@ -71,9 +84,11 @@ def _resolve(model: nn.Module, ref: ModuleRef, what: str) -> nn.Module:
 
 def _skipped(model, skip, include_classifier, owners) -> Dict[int, str]:
     """``id(module) → why`` for every module (and submodule) the pass must leave alone."""
-    refs = [(m, "skip=") for m in (_resolve(model, r, "skip=") for r in skip)]
+    refs = [(m, "is in skip= (remove it from skip= to rewrite it)")
+            for m in (_resolve(model, r, "skip=") for r in skip)]
     if not include_classifier:
-        refs += [(m, "the classifier (include_classifier=False)") for m in classifier_layers(model)]
+        refs += [(m, "is the classifier (pass include_classifier=True to rewrite it)")
+                 for m in classifier_layers(model)]
     out: Dict[int, str] = {}
     for ref, why in refs:
         blk = owners.get(id(ref))
@@ -103,26 +118,45 @@ def _bound_stats(model: nn.Module, stats) -> KFACStats:
     return stats.for_model(model)
 
 
+def _channel_structured(module: nn.Module, stats) -> Optional[str]:
+    """Why ``module``'s factors cannot give a KFE block, or ``None``."""
+    try:
+        positions = stats[module].flattened_positions
+    except StaleStatisticsError:
+        return None   # reported when its factors are used
+    if positions > 1:
+        return ("has channel-structured factors (a Linear reading a flattened map, above "
+                "max_factor_dim); it is scored in channel space")
+    return None
+
+
+def _first_few(names: List[str], limit: int = 6) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _nothing_to_rewrite(model, stats, skipped, owners) -> KFEError:
-    """Why no layer with factors can be rewritten, counted by cause."""
+    """Why no layer with factors can be rewritten: each layer with the reason it was left out."""
     names = {id(m): n for n, m in model.named_modules()}
-    causes: Dict[str, int] = {}
+    causes: Dict[str, List[str]] = {}
     for m in stats:
-        why = ("not in this model" if id(m) not in names else skipped.get(id(m))
-               or _ineligible(m, owners) or "")
-        causes[why] = causes.get(why, 0) + 1
-    listed = "; ".join(f"{n} {why}" for why, n in causes.items())
-    return KFEError(f"nothing to rewrite: of the {len(stats)} layers with factors, {listed}. Only "
-                    "ungrouped Conv2d/Linear layers outside skip= are rewritten; the classifier "
-                    "only with include_classifier=True")
+        if id(m) not in names:
+            name, why = stats.name_of(m), ("is not in this model (statistics of another model: "
+                                           "collect_kfac on this one)")
+        else:
+            name = names[id(m)] or type(model).__name__
+            why = skipped.get(id(m)) or _ineligible(m, owners) or _channel_structured(m, stats) or ""
+        causes.setdefault(why, []).append(f"'{name}'")
+    listed = "; ".join(f"{_first_few(layers)} {why}" for why, layers in causes.items())
+    return KFEError(f"nothing to rewrite: of the {len(stats)} layers with factors, {listed}")
 
 
-def _targets(model, stats, modules, skipped, owners) -> List[Tuple[str, nn.Module]]:
+def _targets(model, stats, modules, skipped, owners, required: bool = True) -> List[Tuple[str, nn.Module]]:
     names = {id(m): n for n, m in model.named_modules()}
     if modules is None:
         chosen = [(names[id(m)], m) for m in stats if id(m) in names and id(m) not in skipped
-                  and _ineligible(m, owners) is None]
-        if not chosen:
+                  and _ineligible(m, owners) is None and _channel_structured(m, stats) is None]
+        if not chosen and required:
             raise _nothing_to_rewrite(model, stats, skipped, owners)
         return chosen
     chosen = []
@@ -130,10 +164,10 @@ def _targets(model, stats, modules, skipped, owners) -> List[Tuple[str, nn.Modul
         m = _resolve(model, ref, "modules=")
         m = m.core if isinstance(m, KFEBlock) else m
         name = names[id(m)] or type(model).__name__
-        why = _ineligible(m, owners) or (skipped.get(id(m)) and f"is {skipped[id(m)]}; remove it "
-                                         "from skip= / pass include_classifier=True to rewrite it")
+        why = _ineligible(m, owners) or skipped.get(id(m))
         if why is None and m not in stats:
             why = "has no K-FAC factors in stats; run collect_kfac with it covered"
+        why = why or _channel_structured(m, stats)
         if why is not None:
             raise KFEError(f"modules= contains '{name}', which {why}")
         chosen.append((name, m))
@@ -154,11 +188,12 @@ def _eigen(name: str, module: nn.Module, stats):
 def kfe_targets(model: nn.Module, stats: KFACStats, *, skip: Iterable[ModuleRef] = (),
                 include_classifier: bool = False) -> List[nn.Module]:
     """The layers (and cores of existing blocks) :func:`to_kfe` would rewrite or re-rotate with
-    these arguments and ``modules=None`` — e.g. to eigendecompose their factors first."""
+    these arguments and ``modules=None`` — e.g. to eigendecompose their factors first. Empty
+    where :func:`to_kfe` would find nothing to rewrite."""
     stats = _bound_stats(model, stats)
     owners = _owners(model)
     skipped = _skipped(model, list(skip), include_classifier, owners)
-    return [m for _, m in _targets(model, stats, None, skipped, owners)]
+    return [m for _, m in _targets(model, stats, None, skipped, owners, required=False)]
 
 
 def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[ModuleRef]] = None,
@@ -203,9 +238,9 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
                            "so the layer can be replaced in place")
         else:
             plan.append((m, None, KFEBlock.from_layer(m, eigen)))
-    for target, eigen, new in plan:
+    for (name, _), (target, eigen, new) in zip(targets, plan):
         if eigen is None:
-            _swap(places, target, new)
+            _swap(places, target, new, name)
         else:
             target._set_rotation(eigen, *new)
     return model
@@ -228,10 +263,10 @@ def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
     blocks = kfe_blocks(model)
     if any(name == "" for name, _ in blocks):
         raise KFEError("the model itself is a KFEBlock; call model.fold() instead")
-    chosen = [b for _, b in blocks
+    chosen = [(n, b) for n, b in blocks
               if not only_unprofitable or b.num_parameters() >= b.dense_num_parameters()]
-    folded = [(b, b.fold()) for b in chosen]
+    folded = [(n, b, b.fold()) for n, b in chosen]
     places = _parents(model)
-    for blk, dense in folded:
-        _swap(places, blk, dense)
+    for name, blk, dense in folded:
+        _swap(places, blk, dense, name)
     return model

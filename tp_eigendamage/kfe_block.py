@@ -42,14 +42,14 @@ def is_plain_layer(module: nn.Module) -> bool:
 
 def layer_like(like: nn.Module, in_features: int, out_features: int, *, bias: bool,
                pointwise: bool = False) -> nn.Module:
-    """A fresh plain layer of ``like``'s kind, device, dtype and ``requires_grad``, weights unset.
+    """A fresh plain layer of ``like``'s kind, device, dtype, mode and ``requires_grad``, weights unset.
 
     ``pointwise=True`` gives the rotation layer (1×1 conv / linear). Otherwise a conv keeps
     ``like``'s kernel size, stride, padding (string padding included), dilation and padding mode.
     """
     layer = adapter_for(like).empty_layer(like, in_features, out_features, bias=bias, pointwise=pointwise)
     layer.requires_grad_(like.weight.requires_grad)
-    return layer
+    return layer.train(like.training)
 
 
 def weight_3d(layer: nn.Module) -> torch.Tensor:
@@ -151,6 +151,7 @@ class KFEBlock(nn.Module):
                   layer_like(layer, in_f, out_f, bias=False),
                   layer_like(layer, out_f, out_f, bias=has_bias, pointwise=True),
                   *_buffers(eigen, weights[0], weights[2], layer.weight))
+        blk.training = layer.training
         blk._load(weights)
         if has_bias:
             with torch.no_grad():

@@ -11,9 +11,17 @@ Shapes used throughout (``G`` = groups, ``K`` = kernel offsets, 1 for Linear):
   ``in/G * K`` (patch mode);
 * output samples ``g`` live in ``R^{d_out}`` with ``d_out = out/G``;
 * ``weight_blocks(module)`` is a ``(G, d_out, in/G, K)`` view of the weight.
+
+A Linear that reads a map ``(N, C, H, W)`` flattened to ``(N, C·H·W)`` can instead be seen as
+a conv with one output location and an ``H×W`` kernel: ``C`` input channels, each read at
+``P = H·W`` positions (``positions=P``: weight blocks ``(1, out, C, P)``, input samples the
+``C``-vectors at each position). That is exactly how Torch-Pruning couples such inputs to the
+channels that produce them. :func:`~tp_eigendamage.collect_kfac` uses it for layers whose
+dense input factor would exceed its ``max_factor_dim``.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -51,16 +59,22 @@ class LayerAdapter:
     def out_features(self, module: nn.Module) -> int:
         raise NotImplementedError
 
-    def input_dim(self, module: nn.Module, factor_mode: str) -> int:
+    def input_dim(self, module: nn.Module, factor_mode: str, positions: int = 1) -> int:
         """Size of one input sample ``a`` (per group)."""
-        per_group = self.in_features(module) // self.groups(module)
+        per_group = self.in_features(module) // self.groups(module) // positions
         return per_group * (self.kernel_numel(module) if factor_mode == "patch" else 1)
 
     def output_dim(self, module: nn.Module) -> int:
         return self.out_features(module) // self.groups(module)
 
+    def flattened_map(self, module: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """``(C, P)`` if the layer reads ``x`` as a flattened map of ``C`` channels at ``P``
+        positions each (module docstring), else ``None``."""
+        return None
+
     def input_moments(
-        self, module: nn.Module, x: torch.Tensor, output_shape: torch.Size, factor_mode: str
+        self, module: nn.Module, x: torch.Tensor, output_shape: torch.Size, factor_mode: str,
+        positions: int = 1,
     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Return ``(Σ a aᵀ, Σ a, number of samples)`` for one call of the layer.
 
@@ -72,8 +86,9 @@ class LayerAdapter:
         """Return ``Σ g gᵀ`` over every output location of one call, ``(G, d_out, d_out)``."""
         raise NotImplementedError
 
-    def weight_blocks(self, module: nn.Module) -> torch.Tensor:
-        """The weight as a ``(G, d_out, in/G, K)`` view."""
+    def weight_blocks(self, module: nn.Module, positions: int = 1) -> torch.Tensor:
+        """The weight as a ``(G, d_out, in/G, K)`` view (``K = positions`` for a Linear
+        reading a flattened map)."""
         raise NotImplementedError
 
     def empty_layer(self, like: nn.Module, in_features: int, out_features: int, *, bias: bool,
@@ -97,16 +112,30 @@ class LinearAdapter(LayerAdapter):
     def out_features(self, module: nn.Linear) -> int:
         return module.out_features
 
-    def input_moments(self, module, x, output_shape, factor_mode):
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        return (rows.T @ rows).unsqueeze(0), rows.sum(0).unsqueeze(0), rows.shape[0]
+    #: autograd nodes of ``x.view`` / ``x.reshape`` / ``x.flatten`` (channel-major order)
+    _FLATTENING_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+    def flattened_map(self, module, x):
+        """Read from autograd: ``x`` is ``(N, C·P)`` made by flattening an ``(N, C, ...)`` tensor."""
+        node = x.grad_fn
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if (x.dim() != 2 or sizes is None or type(node).__name__ not in self._FLATTENING_NODES
+                or len(sizes) < 3 or sizes[0] != x.shape[0] or math.prod(sizes[1:]) != x.shape[1]):
+            return None
+        return int(sizes[1]), int(math.prod(sizes[2:]))
+
+    def input_moments(self, module, x, output_shape, factor_mode, positions=1):
+        rows = x.detach().reshape(-1, x.shape[-1] // positions, positions).float()
+        xx = torch.einsum("ncp,ndp->cd", rows, rows)
+        return xx.unsqueeze(0), rows.sum(dim=(0, 2)).unsqueeze(0), rows.shape[0] * positions
 
     def grad_moment(self, module, g):
         rows = g.detach().reshape(-1, g.shape[-1]).float()
         return (rows.T @ rows).unsqueeze(0)
 
-    def weight_blocks(self, module):
-        return module.weight.unsqueeze(0).unsqueeze(-1)
+    def weight_blocks(self, module, positions=1):
+        w = module.weight
+        return w.reshape(1, w.shape[0], w.shape[1] // positions, positions)
 
     def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
         return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias,
@@ -193,7 +222,7 @@ class Conv2dAdapter(LayerAdapter):
             self._coverage_cache[key] = cov
         return cov
 
-    def input_moments(self, module, x, output_shape, factor_mode):
+    def input_moments(self, module, x, output_shape, factor_mode, positions=1):
         x = x.detach().float()
         n, G = x.shape[0], module.groups
         out_hw = tuple(output_shape[-2:])
@@ -214,7 +243,7 @@ class Conv2dAdapter(LayerAdapter):
         gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
         return torch.einsum("ngct,ngdt->gcd", gg, gg)
 
-    def weight_blocks(self, module):
+    def weight_blocks(self, module, positions=1):
         w = module.weight
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ._model_state import model_device
+from ._model_state import model_device, preserved_model_state
+from ._passes import PASS_OPTIONS, check_data, empty_data_message
 from .batches import default_batch_fn, default_forward_fn, to_device
 from .diag_fisher import collect_fisher_diag
 from .errors import KFACError
@@ -35,7 +36,7 @@ class Method:
         name: the name ``prune(method=...)`` and ``tp-eigendamage --method`` accept.
         summary: one line for help texts.
         statistics: ``(model, data, options) -> stats`` run at the start of every round
-            (``options``: the Fisher-pass options of :func:`~tp_eigendamage.collect_kfac`),
+            (``options``: the options of :func:`~tp_eigendamage.collect_kfac`),
             or ``None`` for criteria that need nothing from the data.
         importance: ``stats -> tp.importance.Importance`` for the round.
         kfe: rewrite the model in the KFE before scoring (EigenDamage).
@@ -58,12 +59,15 @@ def accumulate_gradients(model: nn.Module, data: Iterable, *, num_batches: Optio
 
     ``loss_fn(outputs, targets) -> (N,)`` per-example losses (default cross entropy); the
     remaining Fisher-pass options (``fisher_type``, ``sample_fn``, ``progress``) do not apply.
+    Like the Fisher passes, it runs in eval mode with every parameter trainable (frozen layers
+    are scored like any other) and restores modes and ``requires_grad`` after.
     """
+    check_data(data)
     loss_fn = loss_fn or cross_entropy
     device = model_device(model)
     model.zero_grad(set_to_none=True)
     count = 0
-    with torch.enable_grad():
+    with torch.enable_grad(), preserved_model_state(model):
         for batch in itertools.islice(data, num_batches):
             inputs, targets = to_device(batch_fn(batch), device)
             if targets is None:
@@ -72,7 +76,7 @@ def accumulate_gradients(model: nn.Module, data: Iterable, *, num_batches: Optio
             losses.sum().backward()
             count += losses.shape[0]
     if count == 0:
-        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
+        raise KFACError(empty_data_message(data))
     for p in model.parameters():
         if p.grad is not None:
             p.grad /= count
@@ -83,7 +87,7 @@ def _kfac(model, data, options):
 
 
 def _diagonal(model, data, options):
-    return collect_fisher_diag(model, data, **options)
+    return collect_fisher_diag(model, data, **{k: v for k, v in options.items() if k in PASS_OPTIONS})
 
 
 def _gradients(model, data, options):

@@ -18,9 +18,25 @@ Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 
 The report's ``timings`` split the wall time into these stages.
 
-The user's model is changed only on success: a deep copy is taken first, and if any step
-raises, the model's submodules, parameters and buffers are put back from that copy (the
-top-level object stays the same; its submodules are the copy's) before the error propagates.
+What happens to the user's model:
+
+* all work is done on a private deep copy (parameters, buffers, ``.grad``, hooks; module
+  references in ``ignored_layers`` and Torch-Pruning options follow it). If anything raises,
+  the copy is dropped and the user's model was never touched: the same Parameter / buffer /
+  module objects, values, ``.grad``, flags, modes and hooks.
+* on success the result moves into the user's model object: it stays the object the user
+  holds, its submodules, parameters and buffers become the pruned ones (so an optimizer built
+  before must be rebuilt; ``finetune(model, round)`` receives the working copy and must build
+  its optimizer inside, as :func:`~tp_eigendamage.training.finetune_callback` does).
+* every module keeps its ``training`` flag and every parameter its ``requires_grad``, matched by
+  qualified name; modules created on the way (KFE parts, folded layers) take those of the
+  layer they replace (:func:`~tp_eigendamage._model_state.adopt_modes_flags_hooks`). Frozen
+  layers are pruned like any other (unless listed in ``ignored_layers``) and stay frozen.
+* hooks: each module with an original of the same name carries the user's very hook tables,
+  a KFE block or folded layer those of the layer it replaced (:mod:`tp_eigendamage.kfe`).
+* the layers producing the model's outputs (:func:`~tp_eigendamage.heads.output_layers`)
+  never lose output channels.
+
 Errors raised by Torch-Pruning while tracing or pruning, and a pruned model that no longer
 runs, become a :class:`~tp_eigendamage.errors.PruningError` naming the stage and the
 innermost failing module.
@@ -30,16 +46,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch.nn as nn
 import torch_pruning as tp
 
+from . import _tp
+from ._model_state import adopt_modes_flags_hooks
 from ._options import FisherType
+from ._passes import check_data, is_one_shot
 from ._round import PruneConfig, Round, checked_cost
 from .batches import Inputs, default_batch_fn, default_forward_fn
 from .budget import search_ratio
 from .errors import PruneArgumentError
+from .heads import output_layers, unique_modules
+from .kfac import MAX_FACTOR_DIM
 from .kfe import fold_kfe, kfe_blocks, kfe_targets, to_kfe
 from .layers import adapter_for
 from .methods import METHODS, get_method
@@ -116,9 +138,60 @@ def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
     return ignored
 
 
-def _restore(model: nn.Module, backup: nn.Module) -> None:
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
+def _check_data(data, method, iterative_steps: int) -> None:
+    """The data must be batches, and readable once per round."""
+    if method.statistics is None:
+        return
+    check_data(data, PruneArgumentError)
+    if iterative_steps > 1 and is_one_shot(data):
+        raise PruneArgumentError(
+            f"data is a one-shot iterator ({type(data).__name__}), but iterative_steps="
+            f"{iterative_steps} collects statistics once per round; pass a list of batches or a "
+            "DataLoader, which can be read again")
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (``OptimizedModule``, which holds the module as ``_orig_mod``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module to prune: a ``torch.compile`` wrapper is unwrapped (with a warning); compiled
+    submodules are refused; modules compiled in place (``module.compile()``) run eagerly."""
+    if _is_compiled(model):
+        warnings.warn("prune() got a torch.compile'd model: it prunes the module it wraps "
+                      "(model._orig_mod) and returns that module, uncompiled; call torch.compile "
+                      "on the result again", stacklevel=3)
+        model = model._orig_mod
+    for name, module in model.named_modules():
+        if _is_compiled(module):
+            raise PruneArgumentError(
+                f"'{name}' is a torch.compile'd submodule (OptimizedModule); prune the plain model "
+                f"(put '{name}._orig_mod' in its place), then compile again")
+    if any(m._compiled_call_impl is not None for m in model.modules()):
+        warnings.warn("the model was compiled in place (module.compile()); prune() runs it eagerly "
+                      "and returns it uncompiled: call .compile() on the result again", stacklevel=3)
+    return model
+
+
+def _private_copy(model: nn.Module, ignored: List[nn.Module], tp_kwargs: dict):
+    """A deep copy of ``(model, ignored, tp_kwargs)`` (module references follow the copy).
+    Copies run eagerly: ``nn.Module`` does not copy the code of ``module.compile()``."""
+    try:
+        return copy.deepcopy((model, ignored, tp_kwargs))
+    except Exception as exc:
+        raise PruneArgumentError(
+            f"the model cannot be deep-copied ({type(exc).__name__}: {exc}); prune() works on a "
+            "private copy so that a failure leaves your model untouched: remove the attribute "
+            "that cannot be copied (e.g. an open file or a lock)") from exc
+
+
+def _move_into(model: nn.Module, result: nn.Module) -> None:
+    """Make the user's ``model`` object hold ``result``: its state, submodules, parameters and
+    buffers, with the user's hooks, modes and flags (module docstring)."""
+    adopt_modes_flags_hooks(result, model, hooks=True)
+    model.__dict__.clear()    # also drops compiled code (``module.compile()``)
+    model.__dict__.update(result.__dict__)
 
 
 class _Stopwatch:
@@ -158,12 +231,15 @@ def prune(
     sample_fn: Optional[Callable] = None,
     tolerance: float = 0.02,
     progress: bool = True,
+    max_factor_dim: int = MAX_FACTOR_DIM,
     **tp_kwargs,
 ) -> Tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place with a second-order (or any Torch-Pruning) criterion.
 
     Args:
-        model: the model; changed in place on success, left as it was on failure.
+        model: the model; changed in place on success, never touched on failure (module
+            docstring). A ``torch.compile``'d model is pruned through the module it wraps
+            (``model._orig_mod``), which is returned uncompiled.
         data: batches for the statistics (see :func:`~tp_eigendamage.collect_kfac`).
         example_inputs: an input batch for Torch-Pruning's tracing and FLOP counting.
         pruning_ratio: Torch-Pruning's meaning: the share of channels to REMOVE.
@@ -175,13 +251,17 @@ def prune(
             EigenDamageImportance), "kron_obd", "kron_obs" (with OBS weight compensation),
             "fisher_diag", or Torch-Pruning's "magnitude", "taylor", "bn_scale", "random" —
             or any Torch-Pruning ``Importance`` instance.
-        iterative_steps: rounds of statistics → prune → ``finetune(model, round)``.
-        finetune: ``finetune(model, round)`` called after each round, or ``None``.
-        ignored_layers: layers never pruned (timm classifiers are added automatically).
+        iterative_steps: rounds of statistics → prune → ``finetune(model, round)``; above 1,
+            ``data`` must be readable once per round (a list or DataLoader, not a generator).
+        finetune: ``finetune(model, round)`` called after each round, or ``None``. It gets the
+            working copy of the model (the user's object receives it at the end): build any
+            optimizer inside ``finetune``.
+        ignored_layers: layers whose output channels are never removed. The layers producing
+            the model's outputs are added automatically (found in the traced graph).
         max_layer_ratio: no layer loses more than this share of its original channels.
         global_pruning: rank all groups in one list (loss-unit criteria) or per layer.
-        num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress: the
-            statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
+        num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress,
+            max_factor_dim: the statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
         tolerance: relative tolerance of the parameter / FLOP target.
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
@@ -191,41 +271,49 @@ def prune(
         :class:`~tp_eigendamage.PruneReport`.
 
     Raises:
-        PruneArgumentError: bad arguments (before any work).
-        TargetUnreachableError: the target cannot be met within the caps and ``tolerance``.
+        PruneArgumentError: bad arguments or data (before any work).
+        TargetUnreachableError: the target cannot be met within the caps and ``tolerance``, or
+            nothing can be pruned (every layer produces an output or is ignored).
         PruningError: Torch-Pruning cannot trace / prune the model (names the module).
         KFACError, KFEError, StaleStatisticsError: from the statistics pass and the KFE rewrite.
     """
     target, value = _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps,
                                 finetune, max_layer_ratio, tolerance, tp_kwargs)
-    ignored = _resolve_ignored(model, ignored_layers)
+    method = get_method(method)
+    _check_data(data, method, iterative_steps)
+    model = _uncompiled(model)
+    work, ignored, tp_kwargs = _private_copy(model, _resolve_ignored(model, ignored_layers), tp_kwargs)
+    with _tp.pruning_errors("tracing the model with Torch-Pruning", work, example_inputs):
+        outputs = output_layers(work, example_inputs, **tp_kwargs)
     stats_options = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
-                         sample_fn=sample_fn, batch_fn=batch_fn, forward_fn=forward_fn, progress=progress)
-    config = PruneConfig(example_inputs=example_inputs, method=get_method(method), ignored=ignored,
-                         cap=max_layer_ratio, initial=_original_channels(model),
+                         sample_fn=sample_fn, batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
+                         max_factor_dim=max_factor_dim)
+    config = PruneConfig(example_inputs=example_inputs, method=method, ignored=unique_modules(ignored + outputs),
+                         outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
-                         timm_helper=_timm_integration(model))
-    backup = copy.deepcopy(model)
-    try:
-        return _run(model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
-    except BaseException:
-        _restore(model, backup)
-        raise
+                         timm_helper=_timm_integration(work))
+    report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
+    _move_into(model, work)
+    return model, report
 
 
 def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwatch) -> int:
-    """Eigendecompose the factors of the layers to rewrite, then rewrite them; returns the
-    number of new blocks."""
+    """Eigendecompose the factors of the layers to rewrite, then rewrite them (none if no layer
+    is eligible: everything is then scored in channel space); returns the number of new blocks."""
+    targets = kfe_targets(model, stats, skip=config.ignored)
     with clock.stage("eigendecomposition"):
-        for module in kfe_targets(model, stats, skip=config.ignored):
+        for module in targets:
             stats[module].eigen()
     blocks_before = {id(b) for _, b in kfe_blocks(model)}
     with clock.stage("rewrite"):
-        to_kfe(model, stats, skip=config.ignored)
+        if targets:
+            to_kfe(model, stats, modules=targets)
     return sum(id(b) not in blocks_before for _, b in kfe_blocks(model))
 
 
-def _run(model, data, target, value, k, finetune, config: PruneConfig, stats_options, tolerance):
+def _run(model, original, data, target, value, k, finetune, config: PruneConfig, stats_options,
+         tolerance) -> PruneReport:
+    """The rounds, on ``model`` (the working copy of ``original``)."""
     clock = _Stopwatch()
     before_layers, before = layer_stats(model, config.example_inputs)
     current, exponent = before, 2.0
@@ -256,6 +344,7 @@ def _run(model, data, target, value, k, finetune, config: PruneConfig, stats_opt
             fold_kfe(model, only_unprofitable=True)
         for name, d in round_damage.items():
             damages[name] = damages.get(name, 0.0) + d
+        adopt_modes_flags_hooks(model, original, hooks=False)
         current = checked_cost(model, config.example_inputs)
         rounds.append({"round": r, "channel_ratio": ratio, "params_fraction": current.fraction_of(before, "params"),
                        "flops_fraction": current.fraction_of(before, "flops"),
@@ -264,5 +353,5 @@ def _run(model, data, target, value, k, finetune, config: PruneConfig, stats_opt
         if finetune is not None:
             finetune(model, r)
     after_layers, after = layer_stats(model, config.example_inputs)
-    return model, build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
+    return build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
                                kfe_blocks_built=blocks_built, timings=dict(clock.seconds))
