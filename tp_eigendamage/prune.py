@@ -279,6 +279,8 @@ def prune(
     """
     target, value = _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps,
                                 finetune, max_layer_ratio, tolerance, tp_kwargs)
+    if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
+        raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
     method = get_method(method)
     _check_data(data, method, iterative_steps)
     model = _uncompiled(model)
