@@ -9,6 +9,9 @@ and the pruner's per-step ratio schedule, set to prune at one chosen ratio.
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
+import warnings
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -57,11 +60,35 @@ def members(group: Group) -> Iterator[Member]:
                      DG.is_out_channel_pruning_fn(fn), DG.is_in_channel_pruning_fn(fn))
 
 
+_UNWRAPPED = re.compile(r"Unwrapped parameters detected: \[(.*?)\]", re.S)
+
+
 def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, global_pruning: bool,
                 ignored_layers: List[nn.Module], **kwargs) -> tp.pruner.BasePruner:
-    """A ``BasePruner`` that removes ``ratio`` of the channels in one step."""
-    return tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
-                                global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
+    """A ``BasePruner`` that removes ``ratio`` of the channels in one step.
+
+    Torch-Pruning warns about parameters outside any layer it knows (ViT's ``pos_embed``,
+    ConvNeXt's ``gamma``) on every graph it builds, listing them in a random order; the
+    warning is issued once per process for each set of names instead.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                                      global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
+    for w in caught:
+        found = _UNWRAPPED.search(str(w.message))
+        if found is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        _warn_unwrapped_once(", ".join(sorted(n.strip(" '") for n in found.group(1).split(","))))
+    return pruner
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unwrapped_once(names: str) -> None:
+    warnings.warn(f"Torch-Pruning prunes the last non-singleton dimension of parameters outside any "
+                  f"layer it knows ({names}); pass unwrapped_parameters=[(param, dim), ...] to "
+                  "prune() to choose another dimension", UserWarning, stacklevel=4)
 
 
 def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:
@@ -74,7 +101,19 @@ def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:
 
 
 def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = False):
-    """Torch-Pruning's MAC and parameter counter (rotation layers of KFE blocks included)."""
+    """Torch-Pruning's MAC and parameter counter (rotation layers of KFE blocks included).
+
+    Torch-Pruning matches layer types exactly, so subclasses (timm's ``Linear``,
+    ``Conv2dSame``, ``BatchNormAct2d``, ...) would count zero FLOPs; each is counted with its
+    nearest counted base class's rule.
+    """
+    from torch_pruning.utils import op_counter
+
+    counted = op_counter.MODULES_MAPPING
+    op_counter.CUSTOM_MODULES_MAPPING = {
+        type(m): next(counted[base] for base in type(m).__mro__ if base in counted)
+        for m in model.modules()
+        if type(m) not in counted and any(base in counted for base in type(m).__mro__)}
     return tp.utils.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
 
 

@@ -265,4 +265,5 @@ def _run(model, data, target, value, k, finetune, config: PruneConfig, stats_opt
             finetune(model, r)
     after_layers, after = layer_stats(model, config.example_inputs)
     return model, build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
-                               kfe_blocks_built=blocks_built, timings=dict(clock.seconds))
+                               kfe_blocks_built=blocks_built, timings=dict(clock.seconds),
+                               target={target: value}, loss_units=method.loss_units)
