@@ -12,7 +12,7 @@ import contextlib
 import functools
 import re
 import warnings
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,8 @@ import torch_pruning as tp
 from .batches import default_forward_fn
 from .errors import PruningError, TPEigenDamageError
 
-__all__ = ["Group", "Member", "group_model", "group_root", "members", "make_pruner", "groups_at",
+__all__ = ["Group", "Member", "group_model", "group_root", "members", "module_neighbours", "make_pruner",
+           "groups_at",
            "count_ops_and_params", "pruning_errors", "failing_module", "IGNORE_HINT"]
 
 Group = tp.dependency.Group
@@ -61,6 +62,14 @@ def members(group: Group) -> Iterator[Member]:
 
 
 _UNWRAPPED = re.compile(r"Unwrapped parameters detected: \[(.*?)\]", re.S)
+
+
+def module_neighbours(model: nn.Module, example_inputs) -> Dict[nn.Module, Tuple[List[Any], List[Any]]]:
+    """``module → (modules it reads from, modules reading it)`` in the traced graph of
+    ``model`` (Torch-Pruning's dependency graph; functional ops appear as its op nodes)."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    return {module: ([n.module for n in node.inputs], [n.module for n in node.outputs])
+            for module, node in DG.module2node.items()}
 
 
 def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, global_pruning: bool,

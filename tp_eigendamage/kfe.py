@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
+from ._surgery import module_places, replace_module
 from .errors import KFEError
 from .heads import classifier_layers
 from .kfac import KFACStats
@@ -31,22 +32,6 @@ def kfe_part(name: str, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, st
     of a KFE block in ``modules`` (``dict(model.named_modules())``), else ``None``."""
     parent, _, leaf = name.rpartition(".")
     return (parent, leaf) if isinstance(modules.get(parent), KFEBlock) else None
-
-
-# -- model surgery -------------------------------------------------------------------------------
-def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
-    """``id(child) → [(parent, attribute)]`` over every place a module is registered."""
-    places: Dict[int, List[Tuple[nn.Module, str]]] = {}
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is not None:
-                places.setdefault(id(child), []).append((parent, attr))
-    return places
-
-
-def _swap(places, old: nn.Module, new: nn.Module) -> None:
-    for parent, attr in places[id(old)]:
-        setattr(parent, attr, new)
 
 
 def _owners(model: nn.Module) -> Dict[int, KFEBlock]:
@@ -191,7 +176,7 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
     owners = _owners(model)
     skipped = _skipped(model, list(skip), include_classifier, owners)
     targets = _targets(model, stats, None if modules is None else list(modules), skipped, owners)
-    places = _parents(model)
+    places = module_places(model)
     plan = []
     for name, m in targets:
         eigen = _eigen(name, m, stats)
@@ -205,7 +190,7 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
             plan.append((m, None, KFEBlock.from_layer(m, eigen)))
     for target, eigen, new in plan:
         if eigen is None:
-            _swap(places, target, new)
+            replace_module(places, target, new)
         else:
             target._set_rotation(eigen, *new)
     return model
@@ -231,7 +216,7 @@ def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
     chosen = [b for _, b in blocks
               if not only_unprofitable or b.num_parameters() >= b.dense_num_parameters()]
     folded = [(b, b.fold()) for b in chosen]
-    places = _parents(model)
+    places = module_places(model)
     for blk, dense in folded:
-        _swap(places, blk, dense)
+        replace_module(places, blk, dense)
     return model
