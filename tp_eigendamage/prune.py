@@ -35,10 +35,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch.nn as nn
 import torch_pruning as tp
 
-from ._options import FisherType
+from ._options import FisherType, check_choice
 from ._round import PruneConfig, Round, checked_cost
 from .batches import Inputs, default_batch_fn, default_forward_fn
 from .budget import search_ratio
+from .eigen import PRECISIONS, Precision
 from .errors import PruneArgumentError
 from .kfe import fold_kfe, kfe_blocks, kfe_targets, to_kfe
 from .layers import adapter_for
@@ -157,6 +158,7 @@ def prune(
     loss_fn: Optional[Callable] = None,
     sample_fn: Optional[Callable] = None,
     tolerance: float = 0.02,
+    eigen_precision: Precision = "float64",
     progress: bool = True,
     **tp_kwargs,
 ) -> Tuple[nn.Module, PruneReport]:
@@ -183,6 +185,8 @@ def prune(
         num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress: the
             statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
         tolerance: relative tolerance of the parameter / FLOP target.
+        eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
+            (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
 
@@ -198,13 +202,14 @@ def prune(
     """
     target, value = _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps,
                                 finetune, max_layer_ratio, tolerance, tp_kwargs)
+    check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
     ignored = _resolve_ignored(model, ignored_layers)
     stats_options = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
                          sample_fn=sample_fn, batch_fn=batch_fn, forward_fn=forward_fn, progress=progress)
     config = PruneConfig(example_inputs=example_inputs, method=get_method(method), ignored=ignored,
                          cap=max_layer_ratio, initial=_original_channels(model),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
-                         timm_helper=_timm_integration(model))
+                         timm_helper=_timm_integration(model), eigen_precision=eigen_precision)
     backup = copy.deepcopy(model)
     try:
         return _run(model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
@@ -217,8 +222,7 @@ def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwa
     """Eigendecompose the factors of the layers to rewrite, then rewrite them; returns the
     number of new blocks."""
     with clock.stage("eigendecomposition"):
-        for module in kfe_targets(model, stats, skip=config.ignored):
-            stats[module].eigen()
+        stats.eigendecompose(kfe_targets(model, stats, skip=config.ignored), config.eigen_precision)
     blocks_before = {id(b) for _, b in kfe_blocks(model)}
     with clock.stage("rewrite"):
         to_kfe(model, stats, skip=config.ignored)
