@@ -21,6 +21,16 @@ def n_params(model):
 
 
 def n_flops(model, x):
+    """Torch-Pruning's count, with timm's layer subclasses (``Linear``, ``BatchNormAct2d``)
+    turned into their torch base classes first: Torch-Pruning matches exact types, so it would
+    count them as zero."""
+    from torch_pruning.utils.op_counter import MODULES_MAPPING
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        base = next(b for b in type(m).__mro__ if b in MODULES_MAPPING or b is nn.Module)
+        if base is not nn.Module and base is not type(m):
+            m.__class__ = base
     return tp.utils.count_ops_and_params(model, x)[0]
 
 
@@ -212,7 +222,9 @@ def test_report_rows_totals_and_table():
     kept = sum(isinstance(m, ted.KFEBlock) for m in model.modules())
     assert report.kfe_blocks_kept == kept and report.kfe_blocks_built == kept + report.kfe_blocks_folded
     text = str(report)
-    assert "layer" in text and "shape before" in text and "pred. damage" in text
+    assert "layer" in text and "shape before" in text and "pred. Δloss" in text
+    assert "keep 60% of the parameters" in text and "eigen-directions between the two rotations" in text
+    assert report.to_dict()["target"] == {"target_params": 0.6}
     assert all(name in text for name in layers)
     assert f"{params0:,}" in text and f"{n_params(model):,}" in text
 
@@ -323,3 +335,39 @@ def test_search_reports_a_jump_it_cannot_land_in():
         search_ratio(lambda r: 1.0 if r < 0.5 else 0.3, 0.6, start=1.0)
     with pytest.raises(TargetUnreachableError, match="out of reach"):
         search_ratio(lambda r: 0.9, 0.6, start=1.0, max_ratio=0.5)
+
+
+def test_timm_layer_subclasses_are_counted_like_their_torch_base():
+    model = timm_model("mobilenetv3_small_100")
+    x = torch.randn(1, 3, 32, 32)
+    _, report = ted.prune(model, batches(32), x, pruning_ratio=0.1, method="magnitude", progress=False)
+    head = next(r for r in report.rows if r.name == "classifier")    # a timm.layers.Linear
+    plain = nn.Linear(head.before.in_channels, head.before.out_channels)
+    assert head.before.flops == n_flops(plain, torch.randn(1, head.before.in_channels)) > 0
+
+
+class LayerScaled(nn.Module):
+    """A per-channel scale outside any layer Torch-Pruning knows (like ConvNeXt's gamma)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.unique_scale_for_warning_test = nn.Parameter(torch.ones(16, 1, 1))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head((self.conv(x) * self.unique_scale_for_warning_test).mean(dim=(2, 3)))
+
+
+def test_unwrapped_parameter_warning_is_shown_once_with_its_name():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = LayerScaled().eval()
+            ted.prune(model, batches(8, classes=4), torch.randn(1, 3, 8, 8), target_params=0.7,
+                      method="kron_obd", tolerance=0.1, progress=False)
+    about = [w for w in caught if "unique_scale_for_warning_test" in str(w.message)]
+    assert len(about) == 1 and "unwrapped_parameters" in str(about[0].message)

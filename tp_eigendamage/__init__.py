@@ -5,6 +5,7 @@ Public API (the method: docs/method.md):
 * statistics: :func:`collect_kfac` (K-FAC factors), :func:`collect_fisher_diag`,
   :func:`fit_eigen_correction` (EK-FAC refit in the KFE);
 * the KFE rewrite: :func:`to_kfe`, :func:`fold_kfe`, :class:`KFEBlock`, :func:`kfe_blocks`;
+  deployment: :func:`fuse_for_inference` (BatchNorm folded into convolutions);
 * Torch-Pruning importances: :class:`EigenDamageImportance`, :class:`KroneckerOBDImportance`,
   :class:`KroneckerOBSImportance`, :class:`FisherDiagImportance`, :class:`CombinedImportance`;
 * the driver: :func:`prune` → ``(model, PruneReport)``, its methods :data:`METHODS`;
@@ -20,6 +21,7 @@ from .errors import (FisherInputError, InvalidArgumentError, KFACError, KFEError
                      PruneArgumentError, PruningError, StaleBasisError, StaleStatisticsError,
                      TargetUnreachableError, TPEigenDamageError, TrainingDivergedError)
 from .fisher import cross_entropy, gaussian_nll, sample_categorical, sample_gaussian
+from .fusion import fuse_for_inference
 from .importance import (CombinedImportance, EigenDamageImportance, FisherDiagImportance,
                          KroneckerOBDImportance, KroneckerOBSImportance)
 from .io import load, save
@@ -34,7 +36,7 @@ __all__ = [
     "__version__",
     "collect_kfac", "KFACStats", "KFACFactors",
     "collect_fisher_diag", "FisherDiagStats", "fit_eigen_correction",
-    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock",
+    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "fuse_for_inference",
     "EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
     "FisherDiagImportance", "CombinedImportance", "obs_compensation", "obs_damage",
     "prune", "PruneReport", "Cost", "METHODS", "Method",

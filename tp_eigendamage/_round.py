@@ -53,6 +53,7 @@ class PruneConfig:
     global_pruning: bool
     tp_kwargs: dict
     timm_helper: Any
+    eigen_precision: str = "float64"
 
 
 class RoundImportance(tp.importance.Importance):

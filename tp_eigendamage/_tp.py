@@ -14,6 +14,9 @@ temporarily trainable (a frozen layer's output would have no ``grad_fn`` and be 
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import torch
@@ -24,9 +27,9 @@ from ._model_state import preserved_model_state
 from .batches import default_forward_fn
 from .errors import PruningError, TPEigenDamageError
 
-__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "traceable",
-           "trace_graph", "make_pruner", "groups_at", "count_ops_and_params", "pruning_errors",
-           "failing_module", "IGNORE_HINT"]
+__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "module_neighbours",
+           "traceable", "trace_graph", "make_pruner", "groups_at", "count_ops_and_params",
+           "pruning_errors", "failing_module", "IGNORE_HINT"]
 
 Group = tp.dependency.Group
 
@@ -72,6 +75,40 @@ def traceable(model: nn.Module) -> Iterator[None]:
         yield
 
 
+_UNWRAPPED = re.compile(r"Unwrapped parameters detected: \[(.*?)\]", re.S)
+
+
+@contextlib.contextmanager
+def _unwrapped_warned_once() -> Iterator[None]:
+    """Torch-Pruning warns about parameters outside any layer it knows (ViT's ``pos_embed``,
+    ConvNeXt's ``gamma``) on every graph it builds, listing them in a random order; inside,
+    that warning is issued once per process for each set of names instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        found = _UNWRAPPED.search(str(w.message))
+        if found is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        _warn_unwrapped_once(", ".join(sorted(n.strip(" '") for n in found.group(1).split(","))))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unwrapped_once(names: str) -> None:
+    warnings.warn(f"Torch-Pruning prunes the last non-singleton dimension of parameters outside any "
+                  f"layer it knows ({names}); pass unwrapped_parameters=[(param, dim), ...] to "
+                  "prune() to choose another dimension", UserWarning, stacklevel=5)
+
+
+def module_neighbours(model: nn.Module, example_inputs) -> Dict[nn.Module, Tuple[List[Any], List[Any]]]:
+    """``module → (modules it reads from, modules reading it)`` in the traced graph of
+    ``model`` (Torch-Pruning's dependency graph; functional ops appear as its op nodes)."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    return {module: ([n.module for n in node.inputs], [n.module for n in node.outputs])
+            for module, node in DG.module2node.items()}
+
+
 #: ``BasePruner`` keyword arguments that change how the model is traced.
 _TRACING_KWARGS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
 
@@ -96,7 +133,7 @@ def trace_graph(model: nn.Module, example_inputs, **tp_kwargs) -> TracedGraph:
     """Trace ``model(example_inputs)`` with Torch-Pruning (the tracing options among
     ``tp_kwargs`` apply) and return its graph."""
     options = {k: tp_kwargs[k] for k in _TRACING_KWARGS if k in tp_kwargs}
-    with traceable(model):
+    with traceable(model), _unwrapped_warned_once():
         DG = tp.DependencyGraph().build_dependency(model, example_inputs, **options)
     nodes = list(DG.module2node.values())
     return TracedGraph(ends=[n.module for n in nodes if not n.outputs],
@@ -106,9 +143,10 @@ def trace_graph(model: nn.Module, example_inputs, **tp_kwargs) -> TracedGraph:
 
 def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, global_pruning: bool,
                 ignored_layers: List[nn.Module], **kwargs) -> tp.pruner.BasePruner:
-    """A ``BasePruner`` that removes ``ratio`` of the channels in one step (traced without
-    leaking mode or ``requires_grad`` changes, frozen layers included)."""
-    with traceable(model):
+    """A ``BasePruner`` that removes ``ratio`` of the channels in one step, traced without
+    leaking mode or ``requires_grad`` changes (frozen layers included) and with Torch-Pruning's
+    unwrapped-parameter warning given once per set of names."""
+    with traceable(model), _unwrapped_warned_once():
         return tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
                                     global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
 
@@ -123,7 +161,19 @@ def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:
 
 
 def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = False):
-    """Torch-Pruning's MAC and parameter counter (rotation layers of KFE blocks included)."""
+    """Torch-Pruning's MAC and parameter counter (rotation layers of KFE blocks included).
+
+    Torch-Pruning matches layer types exactly, so subclasses (timm's ``Linear``,
+    ``Conv2dSame``, ``BatchNormAct2d``, ...) would count zero FLOPs; each is counted with its
+    nearest counted base class's rule.
+    """
+    from torch_pruning.utils import op_counter
+
+    counted = op_counter.MODULES_MAPPING
+    op_counter.CUSTOM_MODULES_MAPPING = {
+        type(m): next(counted[base] for base in type(m).__mro__ if base in counted)
+        for m in model.modules()
+        if type(m) not in counted and any(base in counted for base in type(m).__mro__)}
     return tp.utils.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
 
 

@@ -40,25 +40,18 @@ import torch.nn as nn
 
 from ._model_state import model_device
 from ._options import FACTOR_MODES, FactorMode, FisherType, check_choice
+from .eigen import Precision, eigendecompose
 from ._passes import OutputTap, all_reduce_sums, check_pass_options, fisher_passes, select_modules
 from .batches import default_batch_fn, default_forward_fn
 from .errors import KFACError, StaleStatisticsError
 from .layer_statistics import LayerStatistics
 from .layers import adapter_for
 
-__all__ = ["KFACFactors", "KFACStats", "collect_kfac", "clamped_eigh", "MAX_FACTOR_DIM"]
+__all__ = ["KFACFactors", "KFACStats", "collect_kfac", "MAX_FACTOR_DIM"]
 
 #: Default cap on a factor's dimension: an 8192×8192 float32 factor takes 256 MiB (its
 #: float64 eigendecomposition about 1.5 GiB more).
 MAX_FACTOR_DIM = 8192
-
-
-def clamped_eigh(matrix: torch.Tensor, rel_tol: float = 1e-10) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Float64 ``eigh`` of a symmetric PSD factor; eigenvalues below ``rel_tol·λ_max`` → 0."""
-    m = matrix.double()
-    evals, evecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
-    cutoff = rel_tol * evals.amax(dim=-1, keepdim=True).clamp_min(0)
-    return torch.where(evals > cutoff, evals, torch.zeros_like(evals)), evecs
 
 
 @dataclass
@@ -122,22 +115,26 @@ class KFACFactors:
         bottom = torch.cat([m.transpose(-1, -2), one], dim=-1)
         return self._ungroup(torch.cat([top, bottom], dim=-2))
 
-    def eigen(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def eigen(self, precision: Precision = "float64") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(λ_A, Q_A, λ_S, Q_S)``: float64 eigendecompositions of both factors, cached.
 
         ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``S = Q_S diag(λ_S) Q_Sᵀ``, eigenvalues ascending,
-        tiny or negative ones clamped to 0. Grouped layers get a leading group dimension.
+        tiny or negative ones clamped to 0 (:mod:`tp_eigendamage.eigen`; ``precision`` is used
+        when nothing is cached yet). Grouped layers get a leading group dimension.
         """
         if self._eigen is None:
-            lam_a, q_a = clamped_eigh(self.input_blocks)
-            lam_s, q_s = clamped_eigh(self.grad_blocks)
-            self._eigen = tuple(self._ungroup(t) for t in (lam_a, q_a, lam_s, q_s))
+            self.set_eigen(*eigendecompose([self.input_blocks, self.grad_blocks], precision))
         return self._eigen
 
     def weight_blocks(self, module: nn.Module) -> torch.Tensor:
         """``module``'s weight as ``(G, d_out, d_in, K)`` blocks matching these factors' ``A``
         (channel mode; ``K`` = kernel offsets, or the positions of a flattened map)."""
         return adapter_for(module).weight_blocks(module, self.flattened_positions)
+
+    def set_eigen(self, input_decomposition: Tuple[torch.Tensor, torch.Tensor],
+                  grad_decomposition: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Cache ``(λ_A, Q_A)`` and ``(λ_S, Q_S)`` computed elsewhere (per group)."""
+        self._eigen = tuple(self._ungroup(t) for t in (*input_decomposition, *grad_decomposition))
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`StaleStatisticsError` unless ``module`` still has the shape seen."""
@@ -176,6 +173,15 @@ class KFACStats(LayerStatistics[KFACFactors]):
 
     def _check(self, module: nn.Module, entry: KFACFactors) -> None:
         entry.check(module)
+
+    def eigendecompose(self, modules: Iterable[nn.Module], precision: Precision = "float64") -> None:
+        """Decompose the factors of ``modules`` not decomposed yet, all at once, scheduled for
+        the hardware (:func:`tp_eigendamage.eigen.eigendecompose`); each factor exactly once."""
+        todo = [f for f in (self[m] for m in modules) if f._eigen is None]
+        todo = list({id(f): f for f in todo}.values())
+        done = eigendecompose([t for f in todo for t in (f.input_blocks, f.grad_blocks)], precision)
+        for k, f in enumerate(todo):
+            f.set_eigen(done[2 * k], done[2 * k + 1])
 
     def __repr__(self) -> str:
         return (f"KFACStats({len(self)} layers, factor_mode={self.factor_mode!r}, "

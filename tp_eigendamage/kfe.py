@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch.nn as nn
 
 from ._model_state import has_state_dict_hooks, share_hooks
+from ._surgery import module_places, replace_module
 from .errors import KFEError, StaleStatisticsError
 from .heads import classifier_layers
 from .kfac import KFACStats
@@ -40,26 +41,14 @@ def kfe_part(name: str, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, st
     return (parent, leaf) if isinstance(modules.get(parent), KFEBlock) else None
 
 
-# -- model surgery -------------------------------------------------------------------------------
-def _parents(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
-    """``id(child) → [(parent, attribute)]`` over every place a module is registered."""
-    places: Dict[int, List[Tuple[nn.Module, str]]] = {}
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is not None:
-                places.setdefault(id(child), []).append((parent, attr))
-    return places
-
-
-def _swap(places, old: nn.Module, new: nn.Module, name: str) -> None:
+def _replace(places, old: nn.Module, new: nn.Module, name: str) -> None:
     """Register ``new`` wherever ``old`` is, with ``old``'s call hooks (module docstring)."""
     share_hooks(old, new, state_dict=False)
     if has_state_dict_hooks(old):
         warnings.warn(f"'{name}' has state-dict hooks; they stay on the replaced "
                       f"{type(old).__name__} and do not apply to its {type(new).__name__}",
                       stacklevel=3)
-    for parent, attr in places[id(old)]:
-        setattr(parent, attr, new)
+    replace_module(places, old, new)
 
 
 def _owners(model: nn.Module) -> Dict[int, KFEBlock]:
@@ -226,7 +215,7 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
     owners = _owners(model)
     skipped = _skipped(model, list(skip), include_classifier, owners)
     targets = _targets(model, stats, None if modules is None else list(modules), skipped, owners)
-    places = _parents(model)
+    places = module_places(model)
     plan = []
     for name, m in targets:
         eigen = _eigen(name, m, stats)
@@ -240,7 +229,7 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
             plan.append((m, None, KFEBlock.from_layer(m, eigen)))
     for (name, _), (target, eigen, new) in zip(targets, plan):
         if eigen is None:
-            _swap(places, target, new, name)
+            _replace(places, target, new, name)
         else:
             target._set_rotation(eigen, *new)
     return model
@@ -266,7 +255,7 @@ def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
     chosen = [(n, b) for n, b in blocks
               if not only_unprofitable or b.num_parameters() >= b.dense_num_parameters()]
     folded = [(n, b, b.fold()) for n, b in chosen]
-    places = _parents(model)
+    places = module_places(model)
     for name, blk, dense in folded:
-        _swap(places, blk, dense, name)
+        _replace(places, blk, dense, name)
     return model

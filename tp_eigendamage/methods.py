@@ -41,6 +41,8 @@ class Method:
         importance: ``stats -> tp.importance.Importance`` for the round.
         kfe: rewrite the model in the KFE before scoring (EigenDamage).
         compensation: apply the Kron-OBS weight update to consumers before removing channels.
+        loss_units: scores are predicted loss increases (comparable across layers and with
+            the measured loss change).
     """
 
     name: str
@@ -49,6 +51,7 @@ class Method:
     importance: Callable[[Any], tp.importance.Importance]
     kfe: bool = False
     compensation: bool = False
+    loss_units: bool = False
 
 
 def accumulate_gradients(model: nn.Module, data: Iterable, *, num_batches: Optional[int] = None,
@@ -96,13 +99,13 @@ def _gradients(model, data, options):
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("eigendamage", "EigenDamage: KFE rewrite, eigen-direction damages (second order)",
-           _kfac, EigenDamageImportance, kfe=True),
+           _kfac, EigenDamageImportance, kfe=True, loss_units=True),
     Method("kron_obd", "Kronecker-factored OBD channel damages (second order)",
-           _kfac, KroneckerOBDImportance),
+           _kfac, KroneckerOBDImportance, loss_units=True),
     Method("kron_obs", "Kronecker-factored OBS with weight compensation (second order)",
-           _kfac, KroneckerOBSImportance, compensation=True),
+           _kfac, KroneckerOBSImportance, compensation=True, loss_units=True),
     Method("fisher_diag", "C-OBD: diagonal Fisher from per-example gradients (second order)",
-           _diagonal, FisherDiagImportance),
+           _diagonal, FisherDiagImportance, loss_units=True),
     Method("magnitude", "Torch-Pruning's L2 weight magnitude", None,
            lambda stats: tp.importance.GroupMagnitudeImportance(p=2)),
     Method("taylor", "Torch-Pruning's first-order Taylor (gradients over the statistics batches)",

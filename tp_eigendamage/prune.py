@@ -54,11 +54,12 @@ import torch_pruning as tp
 
 from . import _tp
 from ._model_state import adopt_modes_flags_hooks
-from ._options import FisherType
+from ._options import FisherType, check_choice
 from ._passes import check_data, is_one_shot
 from ._round import PruneConfig, Round, checked_cost
 from .batches import Inputs, default_batch_fn, default_forward_fn
 from .budget import search_ratio
+from .eigen import PRECISIONS, Precision
 from .errors import PruneArgumentError
 from .heads import output_layers, unique_modules
 from .kfac import MAX_FACTOR_DIM
@@ -230,6 +231,7 @@ def prune(
     loss_fn: Optional[Callable] = None,
     sample_fn: Optional[Callable] = None,
     tolerance: float = 0.02,
+    eigen_precision: Precision = "float64",
     progress: bool = True,
     max_factor_dim: int = MAX_FACTOR_DIM,
     **tp_kwargs,
@@ -263,6 +265,8 @@ def prune(
         num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress,
             max_factor_dim: the statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
         tolerance: relative tolerance of the parameter / FLOP target.
+        eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
+            (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
 
@@ -281,6 +285,7 @@ def prune(
                                 finetune, max_layer_ratio, tolerance, tp_kwargs)
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
+    check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
     method = get_method(method)
     _check_data(data, method, iterative_steps)
     model = _uncompiled(model)
@@ -293,7 +298,7 @@ def prune(
     config = PruneConfig(example_inputs=example_inputs, method=method, ignored=unique_modules(ignored + outputs),
                          outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
-                         timm_helper=_timm_integration(work))
+                         timm_helper=_timm_integration(work), eigen_precision=eigen_precision)
     report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
     _move_into(model, work)
     return model, report
@@ -304,8 +309,7 @@ def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwa
     is eligible: everything is then scored in channel space); returns the number of new blocks."""
     targets = kfe_targets(model, stats, skip=config.ignored)
     with clock.stage("eigendecomposition"):
-        for module in targets:
-            stats[module].eigen()
+        stats.eigendecompose(targets, config.eigen_precision)
     blocks_before = {id(b) for _, b in kfe_blocks(model)}
     with clock.stage("rewrite"):
         if targets:
@@ -356,4 +360,5 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
             finetune(model, r)
     after_layers, after = layer_stats(model, config.example_inputs)
     return build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
-                               kfe_blocks_built=blocks_built, timings=dict(clock.seconds))
+                        kfe_blocks_built=blocks_built, timings=dict(clock.seconds),
+                        target={target: value}, loss_units=method.loss_units)

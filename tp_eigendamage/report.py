@@ -88,6 +88,10 @@ class PruneReport:
             search trials.
         kfe_blocks_built: KFE blocks created during pruning.
         timings: wall seconds per stage (:data:`tp_eigendamage.prune.STAGES`).
+        target: the budget asked for, e.g. ``{"target_params": 0.5}`` (share KEPT) or
+            ``{"pruning_ratio": 0.3}`` (share of channels REMOVED, Torch-Pruning's meaning).
+        loss_units: the method's scores are predicted loss increases (the second-order
+            methods); otherwise ``predicted_damage`` holds the criterion's raw scores.
     """
 
     method: str
@@ -97,6 +101,8 @@ class PruneReport:
     rounds: List[dict] = field(default_factory=list)
     kfe_blocks_built: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
+    target: Dict[str, float] = field(default_factory=dict)
+    loss_units: bool = True
 
     @property
     def kfe_blocks_kept(self) -> int:
@@ -109,6 +115,12 @@ class PruneReport:
         return self.kfe_blocks_built - self.kfe_blocks_kept
 
     @property
+    def predicted_damage(self) -> float:
+        """Σ of the removed channels' scores: with ``loss_units``, the predicted increase of the
+        loss on the statistics data."""
+        return sum(r.predicted_damage for r in self.rows)
+
+    @property
     def params_fraction(self) -> float:
         return self.after.params / self.before.params
 
@@ -119,6 +131,9 @@ class PruneReport:
     def to_dict(self) -> dict:
         return {
             "method": self.method,
+            "target": dict(self.target),
+            "loss_units": self.loss_units,
+            "predicted_damage": self.predicted_damage,
             "before": asdict(self.before),
             "after": asdict(self.after),
             "params_fraction": self.params_fraction,
@@ -135,8 +150,15 @@ class PruneReport:
             ],
         }
 
+    def target_text(self) -> str:
+        """The budget in words (which share is kept and which removed)."""
+        words = {"target_params": "keep {:.0%} of the parameters", "target_flops": "keep {:.0%} of the FLOPs",
+                 "pruning_ratio": "remove {:.0%} of the channels (Torch-Pruning's pruning_ratio)"}
+        return "; ".join(words[k].format(v) for k, v in self.target.items() if k in words)
+
     def __str__(self) -> str:
-        head = ("layer", "kind", "shape before", "shape after", "params", "FLOPs", "pred. damage")
+        damage = "pred. Δloss" if self.loss_units else "score removed"
+        head = ("layer", "kind", "shape before", "shape after", "params", "FLOPs", damage)
         lines = []
         for r in self.rows:
             after = r.after
@@ -148,13 +170,22 @@ class PruneReport:
                 f"{r.predicted_damage:.3g}"))
         table = format_table(head, lines)
         rule = table.split("\n")[1]
-        out = [f"method: {self.method}", table]
-        out += [rule,
-                f"params {self.before.params:,} → {self.after.params:,} ({self.params_fraction:.1%}); "
-                f"FLOPs {_si(self.before.flops)} → {_si(self.after.flops)} ({self.flops_fraction:.1%})"]
+        target = self.target_text()
+        out = [f"method: {self.method}" + (f"; target: {target}" if target else ""), table, rule,
+               f"params {self.before.params:,} → {self.after.params:,} ({self.params_fraction:.1%}); "
+               f"FLOPs {_si(self.before.flops)} → {_si(self.after.flops)} ({self.flops_fraction:.1%})"]
         if self.kfe_blocks_built:
             out.append(f"KFE blocks: {self.kfe_blocks_built} built, {self.kfe_blocks_kept} kept, "
                        f"{self.kfe_blocks_folded} folded back")
+        out += ["shape: input→output channels; a KFE block is shown as in→[r_in→r_out]→out, its "
+                "eigen-directions between the two rotations."]
+        if self.loss_units:
+            out.append(f"pred. Δloss: predicted increase of the training loss (mean per-example loss "
+                       f"on the statistics data) from what was removed in the layer; total "
+                       f"{self.predicted_damage:.4g}.")
+        else:
+            out.append(f"score removed: the criterion's own scores of what was removed (not a loss); "
+                       f"total {self.predicted_damage:.4g}.")
         return "\n".join(out)
 
 
@@ -167,9 +198,11 @@ def _si(x: float) -> str:
 
 def build_report(method: str, before_layers: Dict[str, LayerStats], after_layers: Dict[str, LayerStats],
                  before: Cost, after: Cost, damages: Dict[str, float], rounds: List[dict],
-                 kfe_blocks_built: int = 0, timings: Optional[Dict[str, float]] = None) -> PruneReport:
+                 kfe_blocks_built: int = 0, timings: Optional[Dict[str, float]] = None,
+                 target: Optional[Dict[str, float]] = None, loss_units: bool = True) -> PruneReport:
     """One row per layer of the unpruned model, with its state after pruning."""
     rows = [LayerRow(name, stats, after_layers.get(name), damages.get(name, 0.0))
             for name, stats in before_layers.items()]
     return PruneReport(method=method, before=before, after=after, rows=rows, rounds=rounds,
-                       kfe_blocks_built=kfe_blocks_built, timings=dict(timings or {}))
+                       kfe_blocks_built=kfe_blocks_built, timings=dict(timings or {}),
+                       target=dict(target or {}), loss_units=loss_units)
