@@ -219,8 +219,10 @@ def test_report_rows_totals_and_table():
         assert row.after.params == sum(p.numel() for p in module.parameters())
         assert row.predicted_damage >= 0
     assert sum(r.after.params for r in report.rows) < sum(r.before.params for r in report.rows)
-    kept = sum(isinstance(m, ted.KFEBlock) for m in model.modules())
-    assert report.kfe_blocks_kept == kept and report.kfe_blocks_built == kept + report.kfe_blocks_folded
+    forms = [m.form if isinstance(m, ted.TwoLayerForm) else "kfe" for m in model.modules()
+             if isinstance(m, (ted.KFEBlock, ted.TwoLayerForm))]
+    assert report.kfe_block_forms == {f: forms.count(f) for f in set(forms)}
+    assert report.kfe_blocks_kept == len(forms) and report.kfe_blocks_built == len(forms) + report.kfe_blocks_folded
     text = str(report)
     assert "layer" in text and "shape before" in text and "pred. Δloss" in text
     assert "keep 60% of the parameters" in text and "eigen-directions between the two rotations" in text

@@ -26,7 +26,7 @@ def plot_layer_widths(rows: Sequence[dict], path: str) -> None:
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("channels / directions kept")
-    ax.set_title("Per-layer width (KFE blocks: output directions)")
+    ax.set_title("Per-layer width (KFE blocks: output directions; two-layer forms: the inner width)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -35,7 +35,7 @@ def plot_layer_widths(rows: Sequence[dict], path: str) -> None:
 
 def _width(layer: dict) -> int:
     dirs = layer.get("directions")
-    return dirs[1] if dirs else layer["out_channels"]
+    return dirs[-1] if dirs else layer["out_channels"]
 
 
 def plot_spectra(spectra: Dict[str, Dict[str, List[float]]], path: str) -> None:
