@@ -142,11 +142,13 @@ class FormLatencies:
     The key is the block's layers (``repr``: kind, channels, kernel geometry, bias), the input's
     shape, dtype and device, and the forms: a block of the same shape met again (e.g. in the
     next trial of a ratio search) gets the same answer without being timed again, which keeps
-    the choice deterministic within one cache.
+    the choice deterministic within one cache. ``timing``: options of
+    :func:`~tp_eigendamage.latency.measure_latency` (default: 5 samples of at least 2 ms, enough
+    for the several-fold differences between forms that decide a choice).
     """
 
     def __init__(self, **timing):
-        self.timing = timing
+        self.timing = {"repeats": 5, "min_sample_s": 0.002, **timing}
         self.seconds: Dict[tuple, Dict[str, float]] = {}
 
     def __call__(self, block: KFEBlock, x: torch.Tensor, allowed: Sequence[str]) -> Dict[str, float]:

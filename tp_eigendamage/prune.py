@@ -70,7 +70,7 @@ from .heads import output_layers, unique_modules
 from .kfac import MAX_FACTOR_DIM
 from .forms import COSTS
 from .kfe import kfe_blocks, kfe_targets, to_kfe
-from .latency import measure_latency
+from .latency import latency_clock, measure_latency
 from .layers import adapter_for
 from .methods import METHODS, get_method
 from .report import PruneReport, build_report, layer_stats
@@ -409,4 +409,5 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
         latency = measure_latency([original, model], config.example_inputs)
     return build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
                         kfe_blocks_built=blocks_built, timings=dict(clock.seconds),
-                        target={target: value}, loss_units=method.loss_units, latency=latency)
+                        target={target: value}, loss_units=method.loss_units, latency=latency,
+                        latency_clock=latency_clock(config.example_inputs, [model]))

@@ -109,7 +109,8 @@ class PruneReport:
             methods); otherwise ``predicted_damage`` holds the criterion's raw scores.
         latency_before, latency_after: measured seconds per forward pass on the example inputs
             (eval mode, the model's device) of the unpruned and the pruned model, timed side by
-            side at the end (:func:`~tp_eigendamage.latency.measure_latency`).
+            side at the end (:func:`~tp_eigendamage.latency.measure_latency`), with
+            ``latency_clock`` (``"cpu"`` or ``"wall"``, :func:`~tp_eigendamage.latency.latency_clock`).
     """
 
     method: str
@@ -123,6 +124,7 @@ class PruneReport:
     loss_units: bool = True
     latency_before: Optional[float] = None
     latency_after: Optional[float] = None
+    latency_clock: Optional[str] = None
 
     @property
     def kfe_blocks_kept(self) -> int:
@@ -174,7 +176,7 @@ class PruneReport:
             "flops_fraction": self.flops_fraction,
             "rounds": self.rounds,
             "latency": {"before_s": self.latency_before, "after_s": self.latency_after,
-                        "fraction": self.latency_fraction},
+                        "fraction": self.latency_fraction, "clock": self.latency_clock},
             "kfe_blocks": {"built": self.kfe_blocks_built, "kept": self.kfe_blocks_kept,
                            "folded": self.kfe_blocks_folded, "forms": self.kfe_block_forms},
             "timings": dict(self.timings),
@@ -213,7 +215,8 @@ class PruneReport:
                f"FLOPs {_si(self.before.flops)} → {_si(self.after.flops)} ({self.flops_fraction:.1%})"]
         if self.latency_fraction is not None:
             out.append(f"latency on example_inputs {1e3 * self.latency_before:.3g} ms → "
-                       f"{1e3 * self.latency_after:.3g} ms ({self.latency_fraction:.1%}; measured side by side)")
+                       f"{1e3 * self.latency_after:.3g} ms ({self.latency_fraction:.1%}; measured side by side, "
+                       f"{self.latency_clock} clock)")
         if self.kfe_blocks_built:
             forms = self.kfe_block_forms
             out.append(f"KFE blocks: {self.kfe_blocks_built} built, {self.kfe_blocks_kept} kept "
@@ -244,12 +247,13 @@ def build_report(method: str, before_layers: Dict[str, LayerStats], after_layers
                  before: Cost, after: Cost, damages: Dict[str, float], rounds: List[dict],
                  kfe_blocks_built: int = 0, timings: Optional[Dict[str, float]] = None,
                  target: Optional[Dict[str, float]] = None, loss_units: bool = True,
-                 latency: Sequence[Optional[float]] = (None, None)) -> PruneReport:
+                 latency: Sequence[Optional[float]] = (None, None), latency_clock: Optional[str] = None
+                 ) -> PruneReport:
     """One row per layer of the unpruned model, with its state after pruning; ``latency`` is
-    ``(seconds before, seconds after)``."""
+    ``(seconds before, seconds after)`` measured with ``latency_clock``."""
     rows = [LayerRow(name, stats, after_layers.get(name), damages.get(name, 0.0))
             for name, stats in before_layers.items()]
     return PruneReport(method=method, before=before, after=after, rows=rows, rounds=rounds,
                        kfe_blocks_built=kfe_blocks_built, timings=dict(timings or {}),
                        target=dict(target or {}), loss_units=loss_units, latency_before=latency[0],
-                       latency_after=latency[1])
+                       latency_after=latency[1], latency_clock=latency_clock)
