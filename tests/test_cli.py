@@ -155,8 +155,8 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "tp_eigendamage", "--help"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0
-    for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops", "--target-latency",
-                 "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
+    for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
+                 "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
                  "--stat-batches", "--fisher-type", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
     assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout
