@@ -40,19 +40,21 @@ Output: a plain-text table on stdout, ``results.json`` (config, every cell, the 
 ``accuracy.png`` / ``loss.png`` (metric vs FLOPs kept, one line per method, one panel per
 family × schedule) in ``--out``; ``results.json`` is rewritten after every cell.
 
-Defaults are sized for a 2-core CPU on one thread (about 1.5-2 h for the full default run):
-the networks are narrow (``--width vgg19=0.25,resnet32=0.5``: VGG-19 16-32-64-128-128,
-ResNet-32 8-16-32), trained 30 epochs, fine-tuned E=6 epochs (k=3 iterative rounds of 2),
-and the default budgets are FLOPs 0.1 and 1/8.8 and params 0.1 (0.25 and 0.05 are a flag away).
-Same seed ⇒ same numbers on the same machine and thread count.
+Defaults are reduced to fit one CPU core in about 1.5 h (the paper: full-width networks on
+CIFAR, 3 seeds, the whole budget set): narrow networks (``--width vgg19=0.25,resnet32=0.5``,
+i.e. VGG-19 16-32-64-128-128 and ResNet-32 8-16-32), 30 training epochs, E=6 fine-tuning epochs
+(k=3 iterative rounds of 2), 4 statistics batches of 64, and two budgets, FLOPs 0.1 and params
+0.1 (``--budgets paper`` runs params 0.25/0.1/0.05 and FLOPs 0.25/0.1/0.05/(1/8.8)). Measured on
+one thread: training ~100 CPU s (VGG-19) / ~130 CPU s (ResNet-32) per seed, a cell ~10-30 CPU s
+(VGG-19) / ~20-50 CPU s (ResNet-32), so the default 96 cells take ~1.3 h and each further
+budget ~0.6 h. Same seed ⇒ same numbers on the same machine and thread count.
 
-    python benchmarks/paper_protocol.py --quick                       # smoke test, ~1 min
-    python benchmarks/paper_protocol.py                               # the default run
-    python benchmarks/paper_protocol.py --budgets flops:0.1,params:0.1 --seeds 0 \\
-        --methods eigendamage,kron_obd,fisher_diag,magnitude,taylor
+    python benchmarks/paper_protocol.py --quick             # smoke test, ~1 CPU minute
+    python benchmarks/paper_protocol.py                     # the default run
+    python benchmarks/paper_protocol.py --seeds 0 --methods eigendamage,kron_obd,fisher_diag,magnitude,taylor
     python benchmarks/paper_protocol.py --prune-kwargs '{"fisher_type": "empirical"}'
     python benchmarks/paper_protocol.py --data-dir cifar10_folders --device cuda \\
-        --width 1 --train-epochs 160 --finetune-epochs 40
+        --width 1 --train-epochs 160 --finetune-epochs 30 --budgets paper
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ LIBRARY_METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
 METHODS = ("eigendamage", "eigendamage_ekfac", "kron_obd", "kron_obs", "fisher_diag",
            "magnitude", "taylor", "bn_scale")
 SCHEDULES = ("oneshot", "iterative")
-DEFAULT_BUDGETS = "flops:0.1,flops:1/8.8,params:0.1"
+DEFAULT_BUDGETS = "flops:0.1,params:0.1"
+PAPER_BUDGETS = "params:0.25,params:0.1,params:0.05,flops:0.25,flops:0.1,flops:0.05,flops:1/8.8"
 DEFAULT_WIDTH = "vgg19=0.25,resnet32=0.5"
 
 
@@ -191,6 +194,8 @@ def parse_fraction(text: str) -> float:
 
 
 def parse_budgets(text: str) -> List[dict]:
+    """``params:F`` / ``flops:F`` items, comma-separated; ``paper`` is the paper's whole set."""
+    text = PAPER_BUDGETS if text.strip() == "paper" else text
     budgets = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         kind, sep, fraction = item.partition(":")
@@ -287,7 +292,7 @@ def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, metho
     seed_everything(seed)
     rounds = 1 if schedule == "oneshot" else args.iterative_steps
     fisher_type = args.prune_kwargs.get("fisher_type", "true")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     spec = Method(method, model, ctx["stat_batches"], ctx["example_inputs"], fisher_type)
     finetune = finetune_callback(ctx["train_loader"], epochs=args.finetune_epochs // rounds,
                                  lr=args.finetune_lr, seed=seed, weight_decay=args.weight_decay,
@@ -300,14 +305,16 @@ def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, metho
                              ignored_layers=[model.classifier], progress=False,
                              **target, **args.prune_kwargs)
     except TargetUnreachableError as exc:
-        return {**row, "status": "unreachable", "message": str(exc), "seconds": time.perf_counter() - start}
+        return {**row, "status": "unreachable", "message": str(exc), "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu_start}
     metrics = evaluate(model, ctx["test_loader"], device=args.device)
     reached = cost(model, ctx["example_inputs"])
     dense = ctx["dense_cost"]
     return {**row, "status": "ok", "accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "params_fraction": reached["params"] / dense["params"],
             "flops_fraction": reached["flops"] / dense["flops"],
-            "seconds": time.perf_counter() - start, "rounds": report.rounds,
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "rounds": report.rounds,
             "layers": {r.name: r.after.shape_text() if r.after else "removed" for r in report.rows}}
 
 
@@ -325,8 +332,8 @@ def data_key(args) -> str:
     return f"{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{args.image_size}"
 
 
-def trained_model(family: str, seed: int, classes: int, train_loader, args) -> Tuple[nn.Module, float]:
-    """The trained dense model (from the cache if it was trained before); seconds spent training."""
+def trained_model(family: str, seed: int, classes: int, train_loader, args) -> Tuple[nn.Module, Optional[dict]]:
+    """The trained dense model, and the wall / CPU seconds its training took (None: from the cache)."""
     width = args.width[family]
     key = (f"{family}_w{width:g}_s{seed}_{data_key(args)}_e{args.train_epochs}_lr{args.lr:g}"
            f"_wd{args.weight_decay:g}_b{args.batch_size}" + (f"_m{args.max_batches}" if args.max_batches else ""))
@@ -335,14 +342,14 @@ def trained_model(family: str, seed: int, classes: int, train_loader, args) -> T
     model = build_model(family, classes, width).to(args.device)
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location=args.device))
-        return model, 0.0
-    start = time.perf_counter()
+        return model, None
+    start, cpu_start = time.perf_counter(), time.process_time()
     train(model, train_loader, epochs=args.train_epochs, lr=args.lr, weight_decay=args.weight_decay,
           seed=seed, device=args.device, progress=False, max_batches=args.max_batches)
-    seconds = time.perf_counter() - start
+    timing = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
     os.makedirs(CACHE, exist_ok=True)
     torch.save(model.state_dict(), path)
-    return model, seconds
+    return model, timing
 
 
 # -- summary, table, plots ------------------------------------------------------------------------
@@ -359,7 +366,8 @@ def summarize(cells: List[dict]) -> List[dict]:
         ok = [r for r in rows if r["status"] == "ok"]
         entry = {"family": family, "budget": budget, "schedule": schedule, "method": method,
                  "seeds": len(rows), "ok": len(ok), "unreachable": len(rows) - len(ok),
-                 "seconds_per_cell": float(np.mean([r["seconds"] for r in rows]))}
+                 "seconds_per_cell": float(np.mean([r["seconds"] for r in rows])),
+                 "cpu_seconds_per_cell": float(np.mean([r["cpu_seconds"] for r in rows]))}
         for key in ("accuracy", "loss", "params_fraction", "flops_fraction"):
             if ok:
                 entry[key], entry[key + "_std"] = _mean_std([r[key] for r in ok])
@@ -374,7 +382,7 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
 
 def table(summary: List[dict], baselines: List[dict]) -> str:
     header = ["family", "budget", "schedule", "method", "test acc %", "test loss", "params kept",
-              "FLOPs kept", "ok/seeds", "s/cell"]
+              "FLOPs kept", "ok/seeds", "CPU s/cell"]
     rows = []
     for b in summarize_baselines(baselines):
         rows.append([b["family"], "dense", "-", "-", _pm(b["accuracy"], b["accuracy_std"], 100),
@@ -386,7 +394,7 @@ def table(summary: List[dict], baselines: List[dict]) -> str:
         else:
             cols = ["unreachable", "-", "-", "-"]
         rows.append([s["family"], s["budget"], s["schedule"], s["method"], *cols,
-                     f"{s['ok']}/{s['seeds']}", f"{s['seconds_per_cell']:.0f}"])
+                     f"{s['ok']}/{s['seeds']}", f"{s['cpu_seconds_per_cell']:.0f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
@@ -456,9 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", type=lambda t: parse_choices(t, FAMILIES, "families"), default=list(FAMILIES))
     p.add_argument("--methods", type=lambda t: parse_choices(t, METHODS, "methods"), default=list(METHODS))
     p.add_argument("--budgets", type=parse_budgets, default=None,
-                   help=f"comma-separated params:F / flops:F (default {DEFAULT_BUDGETS}; "
-                        "the paper's high-compression set: params:0.25,params:0.1,params:0.05,"
-                        "flops:0.25,flops:0.1,flops:0.05,flops:1/8.8)")
+                   help=f"comma-separated params:F / flops:F (default {DEFAULT_BUDGETS}); "
+                        f"'paper' = the paper's high-compression set {PAPER_BUDGETS}")
     p.add_argument("--schedules", type=lambda t: parse_choices(t, SCHEDULES, "schedules"), default=list(SCHEDULES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--width", type=parse_widths, default=None,
@@ -539,14 +546,15 @@ def main(argv=None) -> dict:
                         for x, y in itertools.islice(stat_loader, args.stat_batches)]
         example_inputs = train_set[0][0][None].to(args.device)
         for family in args.families:
-            model, seconds = trained_model(family, seed, num_classes(train_set), train_loader, args)
+            model, timing = trained_model(family, seed, num_classes(train_set), train_loader, args)
             dense = evaluate(model, test_loader, device=args.device)
             baselines.append({"family": family, "seed": seed, "accuracy": dense["accuracy"], "loss": dense["loss"],
                               **cost(model, example_inputs)})
-            trainings.append({"family": family, "seed": seed, "seconds": seconds, "cached": seconds == 0.0})
+            trainings.append({"family": family, "seed": seed, "cached": timing is None, **(timing or {})})
             print(f"{family} seed {seed}: dense test acc {100 * dense['accuracy']:.2f} %, loss "
                   f"{dense['loss']:.4f}, {baselines[-1]['params']} params, {baselines[-1]['flops']} FLOPs"
-                  + (f" (trained in {seconds:.0f} s)" if seconds else " (cached)"), flush=True)
+                  + (f" (trained in {timing['seconds']:.0f} s, {timing['cpu_seconds']:.0f} CPU s)"
+                     if timing else " (cached)"), flush=True)
             ctx = {"train_loader": train_loader, "test_loader": test_loader, "stat_batches": stat_batches,
                    "example_inputs": example_inputs, "dense_cost": cost(model, example_inputs)}
             for budget in args.budgets:
@@ -559,7 +567,7 @@ def main(argv=None) -> dict:
                                   f"{cell['params_fraction']:.3f} FLOPs {cell['flops_fraction']:.3f}"
                                   if cell["status"] == "ok" else "unreachable")
                         print(f"[{done}/{total}] {family} {budget['label']} {schedule} {method} seed {seed}: "
-                              f"{result} ({cell['seconds']:.0f} s)", flush=True)
+                              f"{result} ({cell['seconds']:.0f} s, {cell['cpu_seconds']:.0f} CPU s)", flush=True)
                         write()
     summary = write()
     print()
