@@ -5,7 +5,7 @@ Variants, each over the same B batches:
 
 * ``plain``          — the reference: ``model.eval()``, forward, batch-mean cross entropy,
                        ``loss.backward()`` (parameter gradients accumulated into ``.grad``).
-                       Eval mode because ``collect_kfac`` runs in eval mode (MATH.md §1), so
+                       Eval mode because ``collect_kfac`` runs in eval mode (docs/method.md §1), so
                        both do the same forward arithmetic; ``plain-train`` (train-mode BN)
                        is printed as well for orientation.
 * ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``: A from the
