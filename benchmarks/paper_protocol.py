@@ -23,15 +23,16 @@ and fine-tunes it:
 Every method sees the same statistics batches (``--stat-batches``, fixed per seed), the same
 fine-tuning and the same classifier exemption. Methods:
 
-* ``eigendamage``, ``kron_obd``, ``kron_obs``, ``fisher_diag`` (C-OBD): ``prune(method=...)``;
+* ``prune(method=name)``: ``eigendamage``, ``kron_obd``, ``kron_obs``, ``fisher_diag`` (C-OBD),
+  and Torch-Pruning's ``magnitude`` (``GroupMagnitudeImportance(p=2)``), ``taylor``
+  (``GroupTaylorImportance``; ``prune()`` refills the gradients of the mean loss over the
+  statistics batches every round) and ``bn_scale`` (``BNScaleImportance``). The model enters
+  ``prune()`` in eval mode, so no statistics pass changes BatchNorm running statistics;
 * ``eigendamage_ekfac``: EigenDamage with the EK-FAC refit of the eigenbasis Fisher diagonal,
   built here from the public API (``prune()`` has no EK-FAC switch yet): before each round the
   model is rewritten in the KFE (``collect_kfac`` → ``to_kfe`` → ``fit_eigen_correction``) and
   ``prune()`` gets an ``EigenDamageImportance``. The target is rescaled by
-  ``cost(dense) / cost(KFE)`` so it is a share of the ORIGINAL model like the other methods';
-* ``magnitude`` (``GroupMagnitudeImportance(p=2)``), ``taylor`` (``GroupTaylorImportance``,
-  gradients of the mean loss over the statistics batches in eval mode, recomputed before every
-  round) and ``bn_scale`` (``BNScaleImportance``) from Torch-Pruning.
+  ``cost(dense) / cost(KFE)`` so it is a share of the ORIGINAL model like the other methods'.
 
 A target the per-layer caps cannot reach is reported as ``unreachable``. Reported per (family,
 budget, schedule, method): test accuracy and test loss (mean ± sample std over seeds), and the
@@ -85,7 +86,6 @@ from tp_eigendamage.training import evaluate, finetune_callback, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 FAMILIES = ("vgg19", "resnet32")
-LIBRARY_METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
 METHODS = ("eigendamage", "eigendamage_ekfac", "kron_obd", "kron_obs", "fisher_diag",
            "magnitude", "taylor", "bn_scale")
 SCHEDULES = ("oneshot", "iterative")
@@ -226,18 +226,6 @@ def parse_widths(text: str) -> Dict[str, float]:
     return widths
 
 
-def mean_gradients(model: nn.Module, batches) -> None:
-    """``.grad`` = gradient of the mean cross-entropy over ``batches`` (eval mode: BatchNorm
-    running statistics untouched) — what Torch-Pruning's Taylor importance reads."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    for x, y in batches:
-        (F.cross_entropy(model(x), y) / len(batches)).backward()
-    for m, mode in modes:
-        m.training = mode
-
-
 def rewrite_in_kfe_with_ekfac(model: nn.Module, batches, skip, fisher_type: str) -> None:
     """K-FAC → KFE rewrite (or re-rotation) → EK-FAC refit of every block's Fisher diagonal."""
     stats = collect_kfac(model, batches, fisher_type=fisher_type, progress=False)
@@ -246,64 +234,57 @@ def rewrite_in_kfe_with_ekfac(model: nn.Module, batches, skip, fisher_type: str)
 
 
 # -- one cell -----------------------------------------------------------------------------------
-class Method:
-    """What ``prune()`` gets for one method: ``method=``, a hook run before round 1 and after
-    every round's fine-tuning but the last, and the factor that turns a share of the dense
-    model into a share of the model ``prune()`` starts from."""
+class EigenDamageEKFAC:
+    """EigenDamage with the EK-FAC refit, on top of ``prune(method=<Importance>)``.
 
-    def __init__(self, name: str, model: nn.Module, batches, example_inputs, fisher_type: str):
-        self.name, self.target_scale = name, {"params": 1.0, "flops": 1.0}
-        self.refresh: Optional[Callable[[], None]] = None
+    For an ``Importance`` instance ``prune()`` neither collects statistics nor rewrites layers,
+    so the model is rewritten in the KFE and refit here: before round 1 (on construction) and
+    after every round's fine-tuning but the last (:meth:`finetune`), as ``prune()`` does for
+    ``"eigendamage"`` at the start of each round. ``prune()`` then measures its budget from the
+    rewritten model, which carries the rotation layers: ``target_scale`` turns a share of the
+    dense model into a share of the rewritten one.
+    """
+
+    def __init__(self, model: nn.Module, batches, example_inputs, fisher_type: str):
         skip = [model.classifier]
-        if name in LIBRARY_METHODS:
-            self.method = name
-        elif name == "magnitude":
-            self.method = tp.importance.GroupMagnitudeImportance(p=2)
-        elif name == "bn_scale":
-            self.method = tp.importance.BNScaleImportance()
-        elif name == "taylor":
-            self.method = tp.importance.GroupTaylorImportance()
-            self.refresh = lambda: mean_gradients(model, batches)
-        elif name == "eigendamage_ekfac":
-            dense = cost(model, example_inputs)
-            rewrite_in_kfe_with_ekfac(model, batches, skip, fisher_type)
-            rewritten = cost(model, example_inputs)
-            self.target_scale = {k: dense[k] / rewritten[k] for k in dense}
-            self.method = EigenDamageImportance(
-                lambda: collect_kfac(model, batches, fisher_type=fisher_type, progress=False))
-            self.refresh = lambda: rewrite_in_kfe_with_ekfac(model, batches, skip, fisher_type)
-            return   # the rewrite above is this method's round-1 preparation
-        else:
-            raise ValueError(f"unknown method {name!r}")
-        if self.refresh is not None:
-            self.refresh()
+        self.rewrite = lambda: rewrite_in_kfe_with_ekfac(model, batches, skip, fisher_type)
+        dense = cost(model, example_inputs)
+        self.rewrite()
+        rewritten = cost(model, example_inputs)
+        self.target_scale = {k: dense[k] / rewritten[k] for k in dense}
+        self.importance = EigenDamageImportance(
+            lambda: collect_kfac(model, batches, fisher_type=fisher_type, progress=False))
 
     def finetune(self, finetune: Callable, rounds: int) -> Callable:
         def run(model, round_index):
             finetune(model, round_index)
-            if self.refresh is not None and round_index < rounds:
-                self.refresh()
+            if round_index < rounds:
+                self.rewrite()
         return run
 
 
 def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, method: str, seed: int,
              ctx: dict, args) -> dict:
-    model = copy.deepcopy(trained)
+    model = copy.deepcopy(trained).eval()   # statistics and Taylor gradients in eval mode
     seed_everything(seed)
     rounds = 1 if schedule == "oneshot" else args.iterative_steps
     fisher_type = args.prune_kwargs.get("fisher_type", "true")
     start, cpu_start = time.perf_counter(), time.process_time()
-    spec = Method(method, model, ctx["stat_batches"], ctx["example_inputs"], fisher_type)
     finetune = finetune_callback(ctx["train_loader"], epochs=args.finetune_epochs // rounds,
                                  lr=args.finetune_lr, seed=seed, weight_decay=args.weight_decay,
                                  device=args.device, progress=False, max_batches=args.max_batches)
-    target = {f"target_{budget['kind']}": budget["value"] * spec.target_scale[budget["kind"]]}
+    criterion, scale = method, 1.0
+    if method == "eigendamage_ekfac":
+        ekfac = EigenDamageEKFAC(model, ctx["stat_batches"], ctx["example_inputs"], fisher_type)
+        criterion, scale = ekfac.importance, ekfac.target_scale[budget["kind"]]
+        finetune = ekfac.finetune(finetune, rounds)
+    target = {f"target_{budget['kind']}": budget["value"] * scale}
     row = {"family": family, "budget": budget["label"], "schedule": schedule, "method": method, "seed": seed}
     try:
-        _, report = tp_eigendamage.prune(model, ctx["stat_batches"], ctx["example_inputs"], method=spec.method,
-                             iterative_steps=rounds, finetune=spec.finetune(finetune, rounds),
-                             ignored_layers=[model.classifier], progress=False,
-                             **target, **args.prune_kwargs)
+        _, report = tp_eigendamage.prune(
+            model, ctx["stat_batches"], ctx["example_inputs"], method=criterion, iterative_steps=rounds,
+            finetune=finetune, ignored_layers=[model.classifier], progress=False, **target,
+            **args.prune_kwargs)
     except TargetUnreachableError as exc:
         return {**row, "status": "unreachable", "message": str(exc), "seconds": time.perf_counter() - start,
                 "cpu_seconds": time.process_time() - cpu_start}
@@ -332,7 +313,8 @@ def data_key(args) -> str:
     return f"{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{args.image_size}"
 
 
-def trained_model(family: str, seed: int, classes: int, train_loader, args) -> Tuple[nn.Module, Optional[dict]]:
+def trained_model(family: str, seed: int, classes: int, train_loader,
+                  args) -> Tuple[nn.Module, Optional[dict]]:
     """The trained dense model, and the wall / CPU seconds its training took (None: from the cache)."""
     width = args.width[family]
     key = (f"{family}_w{width:g}_s{seed}_{data_key(args)}_e{args.train_epochs}_lr{args.lr:g}"
