@@ -37,18 +37,19 @@ fine-tuning and the same classifier exemption. Methods:
 A target the per-layer caps cannot reach is reported as ``unreachable``. Reported per (family,
 budget, schedule, method): test accuracy and test loss (mean ± sample std over seeds), and the
 parameters / FLOPs actually kept (fractions of the trained dense model, KFE rotations counted).
-Output: a plain-text table on stdout, ``results.json`` (config, every cell, the summary) and
+Output: a plain-text table on stdout, ``results.json`` (config, every cell with its per-layer
+widths and, per round, the test metrics right after pruning, before fine-tuning; the summary) and
 ``accuracy.png`` / ``loss.png`` (metric vs FLOPs kept, one line per method, one panel per
 family × schedule) in ``--out``; ``results.json`` is rewritten after every cell.
 
-Defaults are reduced to fit one CPU core in about 1.5 h (the paper: full-width networks on
+Defaults are reduced to fit one CPU core in about 1.3 h (the paper: full-width networks on
 CIFAR, 3 seeds, the whole budget set): narrow networks (``--width vgg19=0.25,resnet32=0.5``,
 i.e. VGG-19 16-32-64-128-128 and ResNet-32 8-16-32), 30 training epochs, E=6 fine-tuning epochs
 (k=3 iterative rounds of 2), 4 statistics batches of 64, and two budgets, FLOPs 0.1 and params
 0.1 (``--budgets paper`` runs params 0.25/0.1/0.05 and FLOPs 0.25/0.1/0.05/(1/8.8)). Measured on
 one thread: training ~100 CPU s (VGG-19) / ~130 CPU s (ResNet-32) per seed, a cell ~10-30 CPU s
 (VGG-19) / ~20-50 CPU s (ResNet-32), so the default 96 cells take ~1.3 h and each further
-budget ~0.6 h. Same seed ⇒ same numbers on the same machine and thread count.
+budget ~0.5 h. Same seed ⇒ same numbers on the same machine and thread count.
 
     python benchmarks/paper_protocol.py --quick             # smoke test, ~1 CPU minute
     python benchmarks/paper_protocol.py                     # the default run
@@ -263,6 +264,14 @@ class EigenDamageEKFAC:
         return run
 
 
+def measured_before(finetune: Callable, loader, device, log: List[dict]) -> Callable:
+    """``finetune`` that first appends the pruned model's test accuracy and loss to ``log``."""
+    def run(model, round_index):
+        log.append(evaluate(model, loader, device=device))
+        finetune(model, round_index)
+    return run
+
+
 def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, method: str, seed: int,
              ctx: dict, args) -> dict:
     model = copy.deepcopy(trained).eval()   # statistics and Taylor gradients in eval mode
@@ -273,6 +282,8 @@ def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, metho
     finetune = finetune_callback(ctx["train_loader"], epochs=args.finetune_epochs // rounds,
                                  lr=args.finetune_lr, seed=seed, weight_decay=args.weight_decay,
                                  device=args.device, progress=False, max_batches=args.max_batches)
+    after_pruning = []   # test metrics of each round's pruned model, before its fine-tuning
+    finetune = measured_before(finetune, ctx["test_loader"], args.device, after_pruning)
     criterion, scale = method, 1.0
     if method == "eigendamage_ekfac":
         ekfac = EigenDamageEKFAC(model, ctx["stat_batches"], ctx["example_inputs"], fisher_type)
@@ -295,7 +306,7 @@ def run_cell(trained: nn.Module, family: str, budget: dict, schedule: str, metho
             "params_fraction": reached["params"] / dense["params"],
             "flops_fraction": reached["flops"] / dense["flops"],
             "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
-            "rounds": report.rounds,
+            "rounds": [{**r, "test_before_finetune": m} for r, m in zip(report.rounds, after_pruning)],
             "layers": {r.name: r.after.shape_text() if r.after else "removed" for r in report.rows}}
 
 
