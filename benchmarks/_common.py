@@ -2,9 +2,6 @@
 
 * workloads: :func:`create_model` (random-init timm model at a chosen input size),
   :func:`random_batches`, :func:`example_input`;
-* pruning by method name: :func:`prune_with` (``tp_eigendamage.prune`` with eigendamage,
-  kron_obd, or Torch-Pruning's magnitude / Taylor criteria, the latter after
-  :func:`accumulate_gradients`);
 * measuring: :func:`synchronize`, :class:`PeakMemory`, :func:`run_child` (one measurement in a
   fresh process, with glibc returning freed memory so that resident memory follows live tensors);
 * printing: :func:`markdown_table`, :func:`checked` (a number against a target bound),
@@ -21,18 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch_pruning as tp
-
-import tp_eigendamage as ted
 
 NUM_CLASSES = 10
-
-#: Torch-Pruning's own criteria, by the name the benchmarks print.
-TP_CRITERIA = {
-    "magnitude": tp.importance.GroupMagnitudeImportance,
-    "taylor": tp.importance.GroupTaylorImportance,
-}
 
 
 def create_model(name: str, size: int, device="cpu", seed: int = 0) -> nn.Module:
@@ -59,28 +46,6 @@ def example_input(size: int, device="cpu", batch: int = 1) -> torch.Tensor:
     """The input Torch-Pruning traces and counts FLOPs on."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(batch, 3, size, size, generator=g).to(device)
-
-
-def accumulate_gradients(model: nn.Module, batches) -> None:
-    """``.grad`` = gradient of the mean cross entropy over ``batches`` (eval mode, as the K-FAC
-    statistics pass), for Torch-Pruning's Taylor criterion."""
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    for x, y in batches:
-        (F.cross_entropy(model(x), y) / len(batches)).backward()
-
-
-def prune_with(method: str, model: nn.Module, batches, example, **target):
-    """``tp_eigendamage.prune(model, batches, example, **target)`` with ``method`` one of
-    ``tp_eigendamage``'s methods or a key of :data:`TP_CRITERIA`; ``"taylor"`` accumulates the
-    gradients over ``batches`` first (part of its cost). Returns ``(model, report)``."""
-    if method == "taylor":
-        accumulate_gradients(model, batches)
-    criterion = TP_CRITERIA[method]() if method in TP_CRITERIA else method
-    try:
-        return ted.prune(model, batches, example, method=criterion, progress=False, **target)
-    finally:
-        model.zero_grad(set_to_none=True)
 
 
 def synchronize(device) -> None:

@@ -3,7 +3,7 @@
 A small CNN with a residual block is trained briefly on scikit-learn's 8×8 digits. For every
 channel of every Torch-Pruning group (residual stream included) the channel is REMOVED with
 Torch-Pruning on a copy of the model and the increase of the training loss is measured. The
-Kron-OBD group damage (MATH.md §6) is computed with ``side="consumer"`` (input-side damage of
+Kron-OBD group damage (docs/method.md §8, §9) is computed with ``side="consumer"`` (input-side damage of
 the layers reading the channel) and ``side="producer"`` (output-side damage of the layers
 writing it); the script prints the Spearman rank correlation of each with the measured
 increase, pooled over all channels (what global pruning ranks) and averaged within groups.
@@ -12,8 +12,6 @@ increase, pooled over all channels (what global pruning ranks) and averaged with
 """
 import argparse
 import copy
-import os
-import sys
 
 import numpy as np
 import torch.nn as nn
@@ -23,8 +21,7 @@ from scipy.stats import spearmanr
 from tp_eigendamage import collect_kfac
 from tp_eigendamage.importance import KroneckerOBDImportance
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from _importance_nets import mean_loss, trained_digits_net  # noqa: E402  (the tests' residual CNN)
+from tp_eigendamage.testing import mean_loss, trained_digits_net
 
 
 def measured_increase(model, root_name, pruning_fn, channel, batches, base):

@@ -5,9 +5,9 @@ images (default 4 batches of 64 at 32×32). Variants, each over the same B batch
 
 * ``plain``          — the reference: ``model.eval()``, forward, batch-mean cross entropy,
                        ``loss.backward()`` (parameter gradients accumulated into ``.grad``).
-                       Eval mode because ``collect_kfac`` runs in eval mode, so both do the
-                       same forward arithmetic; ``plain-train`` (train-mode BN) is printed as
-                       well for orientation.
+                       Eval mode because ``collect_kfac`` runs in eval mode (docs/method.md §1), so
+                       both do the same forward arithmetic; ``plain-train`` (train-mode BN)
+                       is printed as well for orientation.
 * ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``: A from the
                        coverage identity (no im2col), labels sampled from the softmax.
 * ``kfac-patch``     — the same with ``factor_mode="patch"`` (im2col/unfold-based A,

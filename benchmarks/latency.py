@@ -6,10 +6,10 @@ not matter for latency) and every target in ``--targets`` (share of the unpruned
 ``--target-kind params`` for parameters), ``tp_eigendamage.prune`` prunes a copy of the same
 model with the same statistics batches and each method:
 
-* ``eigendamage``, ``kron_obd`` — the package's methods;
-* ``magnitude`` — ``tp.importance.GroupMagnitudeImportance()``;
-* ``taylor``    — ``tp.importance.GroupTaylorImportance()`` after accumulating the gradients of
-                  the mean cross entropy over the statistics batches.
+* ``eigendamage``, ``kron_obd`` — the package's second-order methods;
+* ``magnitude``, ``taylor`` — Torch-Pruning's ``GroupMagnitudeImportance(p=2)`` and
+  ``GroupTaylorImportance`` (gradients of the mean cross entropy over the statistics batches),
+  as ``prune(method="magnitude")`` / ``prune(method="taylor")``.
 
 Latency: eval mode, ``torch.inference_mode()``, batch 1 and batch ``--batch``. Every model of
 one architecture (the unpruned one and all pruned copies) runs ``--warmup`` forward passes;
@@ -40,8 +40,9 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from _common import (checked, create_model, error_text, example_input, markdown_table, prune_with,
-                     random_batches, synchronize)
+import tp_eigendamage as ted
+from _common import (checked, create_model, error_text, example_input, markdown_table, random_batches,
+                     synchronize)
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100", "vit_tiny_patch16_224"]
 METHODS = ["eigendamage", "kron_obd", "magnitude", "taylor"]
@@ -77,8 +78,8 @@ def pruned_variants(args, name: str) -> List[Variant]:
         for method in METHODS:
             start = time.perf_counter()
             try:
-                model, report = prune_with(method, copy.deepcopy(base), batches, example,
-                                           **{f"target_{args.target_kind}": target})
+                model, report = ted.prune(copy.deepcopy(base), batches, example, method=method,
+                                          progress=False, **{f"target_{args.target_kind}": target})
                 variants.append(Variant(method, target, model, report.params_fraction, report.flops_fraction))
                 status = "ok"
             except Exception as exc:   # the table records failures

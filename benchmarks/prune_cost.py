@@ -5,13 +5,13 @@ statistics batches and the same parameter target (``target_params``, default 0.6
 
 * ``eigendamage`` — ``prune(method="eigendamage")``;
 * ``kron_obd``    — ``prune(method="kron_obd")``;
-* ``taylor``      — Torch-Pruning's Taylor pipeline: gradients of the mean cross entropy over
-                    the same batches, then ``prune(method=tp.importance.GroupTaylorImportance())``
-                    (the same ``BasePruner`` and ratio search that lands on the target); its
-                    wall time includes the gradient pass;
-* ``eigh-once``   — ``collect_kfac`` once, then ``KFACFactors.eigen()`` timed for every factor
-                    of the layers ``to_kfe`` rewrites: the cost of decomposing each factor
-                    exactly once, at the precision ``eigen()`` uses.
+* ``taylor``      — Torch-Pruning's Taylor pipeline as ``prune(method="taylor")``: gradients
+                    of the mean cross entropy over the same batches (its "statistics" stage),
+                    then ``tp.importance.GroupTaylorImportance`` in the same ``BasePruner`` and
+                    ratio search that lands on the target;
+* ``eigh-once``   — ``collect_kfac`` once, then ``KFACFactors.eigen()`` timed for the layers
+                    ``to_kfe`` rewrites (``tp_eigendamage.kfe.kfe_targets``): the cost of
+                    decomposing each factor exactly once, at the precision ``eigen()`` uses.
 
 Each measurement runs in a fresh process (``--repeats`` rounds interleave the jobs of a model;
 medians). Time is the wall time of the ``prune()`` call. Peak memory is what the call needs on
@@ -19,9 +19,9 @@ top of the model and data (``_common.PeakMemory``): on the CPU the resident high
 measured in a second fresh process with glibc returning freed memory (slower allocation, so
 not the one timed); on CUDA ``torch.cuda.max_memory_allocated`` in the timed process.
 
-Where ``PruneReport.timings`` exists (seconds per stage: statistics, eigendecomposition,
-rewrite, scoring, ratio_search, pruning, fold), the table splits each method's time into these
-stages and "other" (wall time no stage accounts for); otherwise it prints wall time only.
+``PruneReport.timings`` splits each method's time into stages (statistics, eigendecomposition,
+rewrite, scoring, ratio_search, pruning, fold); "other" is the wall time no stage accounts for
+(the deep copy taken for rollback, the before/after cost count).
 
 Run (CPU defaults: 64 px, ``img_size=64`` for fixed-size models, 2 statistics batches of 8):
     python benchmarks/prune_cost.py
@@ -44,13 +44,14 @@ import time
 import torch
 
 import tp_eigendamage as ted
+from tp_eigendamage.kfe import kfe_targets
+from tp_eigendamage.prune import STAGES
 from _common import (PeakMemory, checked, create_model, error_text, example_input, markdown_table,
-                     prune_with, random_batches, run_child, synchronize)
+                     random_batches, run_child, synchronize)
 
 MODELS = ["resnet50", "convnext_tiny", "vit_small_patch16_224", "densenet121"]
 METHODS = ["eigendamage", "kron_obd", "taylor"]
 JOBS = METHODS + ["eigh-once"]
-STAGES = ["statistics", "eigendecomposition", "rewrite", "scoring", "ratio_search", "pruning", "fold"]
 
 
 # -- in the child process ------------------------------------------------------------------------
@@ -68,27 +69,24 @@ def prune_job(args, name: str, method: str) -> dict:
     with PeakMemory(args.device) as peak:
         synchronize(args.device)
         start = time.perf_counter()
-        model, report = prune_with(method, model, batches, example, target_params=args.target_params)
+        model, report = ted.prune(model, batches, example, method=method,
+                                  target_params=args.target_params, progress=False)
         synchronize(args.device)
         seconds = time.perf_counter() - start
     return dict(seconds=seconds, peak_mib=peak.mib, params=report.params_fraction,
-                flops=report.flops_fraction, timings=getattr(report, "timings", None))
+                flops=report.flops_fraction, timings=report.timings)
 
 
 def eigh_once_job(args, name: str) -> dict:
     model, batches, _ = workload(args, name)
     stats = ted.collect_kfac(model, batches, progress=False)
-    seconds = {}
-    for module, factors in stats.items():
-        synchronize(args.device)
-        start = time.perf_counter()
-        factors.eigen()
-        synchronize(args.device)
-        seconds[module] = time.perf_counter() - start
-    names = stats.names()
-    ted.to_kfe(model, stats)   # uses the decompositions just timed (cached)
-    rewritten = [names[block_name] for block_name, _ in ted.kfe_blocks(model)]
-    return dict(seconds=sum(seconds[m] for m in rewritten), layers=len(rewritten))
+    targets = kfe_targets(model, stats)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for module in targets:
+        stats[module].eigen()
+    synchronize(args.device)
+    return dict(seconds=time.perf_counter() - start, layers=len(targets))
 
 
 def child(args) -> None:
@@ -114,8 +112,8 @@ def median_result(results: list) -> dict:
     if any("error" in r for r in results):
         return next(r for r in results if "error" in r)
     out = dict(results[0], seconds=statistics.median(r["seconds"] for r in results))
-    if out.get("timings"):
-        out["timings"] = {k: statistics.median(r["timings"][k] for r in results) for k in out["timings"]}
+    if "timings" in out:
+        out["timings"] = {k: statistics.median(r["timings"][k] for r in results) for k in STAGES}
     return out
 
 
@@ -138,14 +136,13 @@ def measure_model(args, name: str) -> dict:
 
 def _stage_seconds(result: dict) -> list:
     """Seconds per stage, then the wall time no stage accounts for."""
-    timings = result.get("timings") or {}
-    cells = [f"{timings[k]:.2f}" if k in timings else "–" for k in STAGES]
-    return cells + [f"{result['seconds'] - sum(timings.values()):.2f}" if timings else "–"]
+    timings = result["timings"]
+    return [f"{timings[k]:.2f}" for k in STAGES] + [f"{result['seconds'] - sum(timings.values()):.2f}"]
 
 
-def method_table(results: dict, with_stages: bool) -> str:
+def method_table(results: dict) -> str:
     head = ["model", "method", "wall s", "extra peak MiB", "params kept", "FLOPs kept"]
-    head += STAGES + ["other"] if with_stages else []
+    head += list(STAGES) + ["other"]
     rows = []
     for name, jobs in results.items():
         for method in METHODS:
@@ -155,7 +152,7 @@ def method_table(results: dict, with_stages: bool) -> str:
             else:
                 cells = [name, method, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
                          f"{r['params']:.3f}", f"{r['flops']:.3f}"]
-                cells += _stage_seconds(r) if with_stages else []
+                cells += _stage_seconds(r)
             rows.append(cells)
     return markdown_table(head, rows)
 
@@ -171,7 +168,7 @@ def ratio_table(results: dict) -> str:
         ed, obd, taylor, once = (jobs[j] for j in JOBS)
         t = lambda r: nan if "error" in r else r["seconds"]          # noqa: E731
         m = lambda r: nan if "error" in r else r["peak_mib"]         # noqa: E731
-        eig = (ed.get("timings") or {}).get("eigendecomposition", nan)
+        eig = ed["timings"]["eigendecomposition"] if "timings" in ed else nan
         rows.append([name, checked(t(ed) / t(obd), 3.0), checked(t(taylor) / t(obd)),
                      checked((t(ed) - eig) / t(obd), 1.5), checked(eig),
                      once.get("error") or f"{once['seconds']:.2f} ({once['layers']})",
@@ -206,13 +203,10 @@ def main() -> None:
             r = results[name][job]
             text = r.get("error") or f"{r['seconds']:.1f} s"
             print(f"{name:<24}{job:<13}{text}", flush=True)
-    with_stages = any(results[n][m].get("timings") for n in results for m in METHODS)
     print()
-    print(method_table(results, with_stages))
+    print(method_table(results))
     print()
     print(ratio_table(results))
-    if not with_stages:
-        print("PruneReport has no timings: eigendecomposition time not available in this version.")
 
 
 if __name__ == "__main__":

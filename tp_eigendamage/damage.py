@@ -1,4 +1,4 @@
-"""Second-order damage of removing channels, in loss units (MATH.md §3, §6).
+"""Second-order damage of removing channels, in loss units (docs/method.md §4, §8).
 
 Tensor math, no Torch-Pruning. Every function takes a layer's weight as the
 ``(G, d_out, d_in, K)`` block view of :meth:`LayerAdapter.weight_blocks` (``G`` groups,
@@ -13,6 +13,15 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn as nn
+
+from .errors import InvalidArgumentError
+from .kfac import KFACFactors
+from .layers import adapter_for
+
+__all__ = ["OBS_DAMPING", "kron_in_damage", "kron_out_damage", "diag_in_damage", "diag_out_damage",
+           "eigen_damages", "damped_inverse", "obs_in_damage", "obs_out_damage", "obs_in_joint",
+           "obs_damage", "obs_compensation"]
 
 #: Default OBS damping γ: the inverse is taken of ``A + γ·mean(diag A)·I``. Keeps the inverse
 #: finite for dead (all-zero) channels and rank-deficient ``A``; on a small CNN trained on digits
@@ -51,7 +60,7 @@ def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
 
 
 def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """EigenDamage (MATH.md §3) of a KFE core ``W*`` ``(r_out, r_in, K)``.
+    """EigenDamage (docs/method.md §4) of a KFE core ``W*`` ``(r_out, r_in, K)``.
 
     ``damage_in(j) = ½ Σ_i Σ_k W*_{ijk}² F_ij`` and ``damage_out(i) = ½ Σ_j Σ_k W*_{ijk}² F_ij``
     with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE (``λ_S,i λ_A,j`` or EK-FAC).
@@ -91,7 +100,7 @@ def split_by_group(channels: Sequence[int], per_group: int, groups: int):
 
 def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Sequence[int],
                  damping: float) -> Tuple[float, torch.Tensor]:
-    """Joint Kron-OBS removal of the input channels ``removed`` (MATH.md §6).
+    """Joint Kron-OBS removal of the input channels ``removed`` (docs/method.md §8).
 
     Per group and kernel offset, with ``P`` the removed channels and ``M = ([A⁻¹]_PP)⁻¹``:
     damage ``½ Σ_k tr(W_Pᵀ S W_P M)`` and update ``ΔW = −W_P M [A⁻¹]_P,:`` (which sets ``W_P``
@@ -115,25 +124,24 @@ def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Seq
 
 
 # -- on a layer: Kron-OBS joint damage and compensation ---------------------------------------
-def _obs_operands(module, factors, removed_in_idxs):
-    from .layers import adapter_for
-
+def _obs_operands(module: nn.Module, factors: KFACFactors, removed_in_idxs):
     adapter = adapter_for(module)
     if adapter is None:
-        raise TypeError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
+        raise InvalidArgumentError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
     factors.check(module)
     if factors.factor_mode != "channel":
-        raise ValueError(f"OBS uses channel-mode factors, got factor_mode={factors.factor_mode!r}; "
+        raise InvalidArgumentError(f"OBS uses channel-mode factors, got factor_mode={factors.factor_mode!r}; "
                          "collect the statistics with collect_kfac(..., factor_mode='channel')")
     n_in = adapter.in_features(module)
     bad = [int(c) for c in removed_in_idxs if not 0 <= int(c) < n_in]
     if bad or len(removed_in_idxs) == 0:
-        raise ValueError(f"removed_in_idxs must be a non-empty list of input channels in "
+        raise InvalidArgumentError(f"removed_in_idxs must be a non-empty list of input channels in "
                          f"[0, {n_in}); got {list(removed_in_idxs) if bad == [] else bad}")
     return adapter.weight_blocks(module), factors.input_blocks, factors.grad_blocks
 
 
-def obs_damage(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING) -> float:
+def obs_damage(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
+               damping: float = OBS_DAMPING) -> float:
     """Predicted loss increase ``½ tr(W_Pᵀ S W_P ([A⁻¹]_PP)⁻¹)`` of removing the input channels
     ``removed_in_idxs`` of ``module`` together, with OBS compensation (see :func:`obs_in_joint`).
 
@@ -143,13 +151,13 @@ def obs_damage(module, factors, removed_in_idxs: Sequence[int], damping: float =
     return obs_in_joint(w, A, S, removed_in_idxs, damping)[0]
 
 
-def obs_compensation(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING,
-                     *, apply: bool = True) -> torch.Tensor:
+def obs_compensation(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
+                     damping: float = OBS_DAMPING, *, apply: bool = True) -> torch.Tensor:
     """OBS update ``ΔW = −W_P ([A⁻¹]_PP)⁻¹ [A⁻¹]_P,:`` for removing input channels ``P``.
 
     Returns ``ΔW`` shaped like ``module.weight``; with ``apply=True`` it is added to the weight,
     which zeroes the columns ``P`` (remove them afterwards, e.g. with Torch-Pruning) and
-    compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (MATH.md §6).
+    compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (docs/method.md §8).
     """
     w, A, S = _obs_operands(module, factors, removed_in_idxs)
     delta = obs_in_joint(w, A, S, removed_in_idxs, damping)[1].reshape(module.weight.shape)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FISHER_TYPES = ("true", "empirical")
+from .errors import FisherInputError
 
-
-class FisherInputError(ValueError):
-    """The model's outputs do not fit the chosen Fisher / loss."""
-
+__all__ = ["sample_categorical", "sample_gaussian", "cross_entropy", "gaussian_nll", "check_logits"]
 
 LOGITS_HINT = (
     "fisher_type='true' with the default sampler expects classification logits of shape (N, C) "

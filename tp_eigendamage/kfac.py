@@ -2,7 +2,7 @@
 
 For a layer ``s = W a`` the Fisher block of the per-example loss ``ℓ_n`` is approximated as
 
-    F ≈ A ⊗ S,    A = input_factor,   S = grad_factor       (MATH.md §1)
+    F ≈ A ⊗ S,    A = input_factor,   S = grad_factor       (docs/method.md §1)
 
 with this split of the scale (``N`` examples, ``T`` output locations / tokens per example,
 ``K`` kernel offsets, ``g = ∂ℓ_n/∂s``):
@@ -20,23 +20,20 @@ The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_fac
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from . import fisher
-from .layers import FACTOR_MODES, adapter_for
+from ._model_state import model_device
+from ._options import FACTOR_MODES, FactorMode, FisherType, check_choice
+from ._passes import OutputTap, all_reduce_sums, check_pass_options, fisher_passes, select_modules
+from .batches import default_batch_fn, default_forward_fn
+from .errors import KFACError, StaleStatisticsError
+from .layer_statistics import LayerStatistics
 
-
-class KFACError(ValueError):
-    """Bad input to :func:`collect_kfac`; the model is left unchanged."""
-
-
-class StaleStatisticsError(RuntimeError):
-    """Factors no longer describe the module they are keyed by."""
+__all__ = ["KFACFactors", "KFACStats", "collect_kfac", "clamped_eigh"]
 
 
 def clamped_eigh(matrix: torch.Tensor, rel_tol: float = 1e-10) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +46,14 @@ def clamped_eigh(matrix: torch.Tensor, rel_tol: float = 1e-10) -> Tuple[torch.Te
 
 @dataclass
 class KFACFactors:
-    """K-FAC factors of one layer (see the module docstring for shapes and scale)."""
+    """K-FAC factors of one layer (see the module docstring for shapes and scale).
+
+    ``layer_kind`` is the adapter's layer kind (``"linear"`` / ``"conv2d"``); the ``*_sum``
+    tensors and counts are the running sums the factors are means of.
+    """
 
     name: str
-    kind: str
+    layer_kind: str
     factor_mode: str
     weight_shape: torch.Size
     groups: int
@@ -123,274 +124,39 @@ class KFACFactors:
                 f"{tuple(self.weight_shape)} but the module now has {got}; the model changed "
                 "since collect_kfac (e.g. it was pruned). Call collect_kfac again.")
 
-    # -- accumulation -------------------------------------------------------------------
-    def _state_tensors(self) -> List[torch.Tensor]:
+    def state_tensors(self) -> List[torch.Tensor]:
+        """The running sums (what a distributed all-reduce adds up)."""
         return [self.input_sum, self.input_mean_sum, self.grad_sum]
 
 
-class KFACStats(Mapping):
-    """K-FAC factors keyed by module; ``stats[module]`` is a :class:`KFACFactors`."""
+class KFACStats(LayerStatistics[KFACFactors]):
+    """K-FAC factors keyed by module; ``stats[module]`` is a :class:`KFACFactors`.
 
-    def __init__(self, factors: Dict[nn.Module, KFACFactors], *, factor_mode: str,
+    Attributes:
+        model: the model the factors were collected on.
+        factor_mode: ``"channel"`` or ``"patch"``.
+        fisher_type: ``"true"`` or ``"empirical"``.
+        num_examples: examples seen (over all ranks).
+    """
+
+    what = "K-FAC factors"
+    collector = "collect_kfac"
+
+    def __init__(self, factors: "dict[nn.Module, KFACFactors]", *, factor_mode: str,
                  fisher_type: str, num_examples: float, model: Optional[nn.Module] = None):
-        self._factors = factors
-        self.model = model
+        super().__init__(factors, {m: f.name for m, f in factors.items()}, model)
         self.factor_mode = factor_mode
         self.fisher_type = fisher_type
         self.num_examples = num_examples
 
-    def __getitem__(self, module: nn.Module) -> KFACFactors:
-        try:
-            factors = self._factors[module]
-        except KeyError:
-            raise KeyError(
-                f"no K-FAC factors for {type(module).__name__} module; it was not covered by "
-                "collect_kfac (not a Conv2d/Linear, not in modules=, or added later)") from None
-        factors.check(module)
-        return factors
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self._factors)
-
-    def __len__(self) -> int:
-        return len(self._factors)
-
-    def __contains__(self, module) -> bool:
-        return module in self._factors
-
-    def names(self) -> Dict[str, nn.Module]:
-        return {f.name: m for m, f in self._factors.items()}
+    def _check(self, module: nn.Module, entry: KFACFactors) -> None:
+        entry.check(module)
 
     def __repr__(self) -> str:
         return (f"KFACStats({len(self)} layers, factor_mode={self.factor_mode!r}, "
                 f"fisher_type={self.fisher_type!r}, examples={self.num_examples:g})")
 
 
-# -- batches -------------------------------------------------------------------------------
-TARGET_KEYS = ("targets", "target", "labels", "label", "y")
-
-
-def default_batch_fn(batch) -> Tuple[object, object]:
-    """Split a batch into ``(inputs, targets)``.
-
-    * a tensor → ``(batch, None)``;
-    * a tuple/list → ``(batch[0], batch[1])`` (targets ``None`` if there is one element);
-    * a dict → targets from the first of ``targets/target/labels/label/y`` present, inputs =
-      the remaining entries, passed to the model as keyword arguments.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise KFACError("got an empty batch; each batch must hold inputs (and targets)")
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, Mapping):
-        key = next((k for k in TARGET_KEYS if k in batch), None)
-        inputs = {k: v for k, v in batch.items() if k != key}
-        return inputs, (batch[key] if key is not None else None)
-    raise KFACError(f"cannot split a batch of type {type(batch).__name__} into inputs and "
-                    "targets; pass batch_fn=lambda batch: (inputs, targets)")
-
-
-def default_forward_fn(model: nn.Module, inputs):
-    """``model(**inputs)`` for dicts, ``model(*inputs)`` for tuples, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def to_device(obj, device):
-    """``obj`` with every tensor (in tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def _batch_size(outputs, default: int) -> int:
-    """Leading size of the (first) output tensor: the number of examples in the batch."""
-    if isinstance(outputs, torch.Tensor) and outputs.dim() > 0:
-        return outputs.shape[0]
-    return default
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-# -- leaving the model as it was -------------------------------------------------------------
-@contextlib.contextmanager
-def preserved_model_state(model: nn.Module):
-    """Eval mode and trainable parameters inside; every mode flag and ``requires_grad`` back after.
-
-    Parameters' ``.grad`` are never touched (gradients are taken with ``torch.autograd.grad``)
-    and BatchNorm statistics do not move in eval mode.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-# -- Fisher passes -----------------------------------------------------------------------------
-class OutputTap:
-    """Observer of one layer during a Fisher pass: sees its input ``a`` at forward and
-    ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
-
-    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`end_batch` and
-    :meth:`non_finite`. The forward hook returns ``output + probe`` with ``probe`` a zero scalar
-    leaf: differentiating the loss w.r.t. the probes alone reaches every layer output without
-    computing any weight gradient. The tensor hook sees the gradient of the value the layer
-    produced, even if a later op (an inplace activation) overwrites that tensor.
-    """
-
-    def __init__(self, name: str, module: nn.Module):
-        self.name, self.module, self.adapter = name, module, adapter_for(module)
-        self.probes: List[torch.Tensor] = []
-
-    def on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
-        """Called with the layer's input and output at every call."""
-
-    def on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        """Called with the input of a call and ``∂(Σ_n ℓ_n)/∂output`` of that call."""
-
-    def end_batch(self) -> None:
-        """Called after each batch's backward pass."""
-
-    def non_finite(self) -> Optional[str]:
-        """Name of what went non-finite in this layer's sums, if anything."""
-        return None
-
-    def forward_hook(self, module, inputs, output):
-        if not torch.is_grad_enabled():
-            return None
-        x = inputs[0]
-        self.on_forward(x, output)
-        probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        self.probes.append(probe)
-        output = output + probe
-        output.register_hook(lambda grad: self.on_grad(x, grad))
-        return output
-
-    def take_probes(self) -> List[torch.Tensor]:
-        probes, self.probes = self.probes, []
-        return probes
-
-
-def _raise_if_non_finite(taps: List[OutputTap], step: int) -> None:
-    for tap in taps:
-        bad = tap.non_finite()
-        if bad is not None:
-            raise KFACError(
-                f"non-finite {bad} at layer '{tap.name}' in batch {step}; check the inputs, the "
-                "model's weights and the loss (e.g. lower the learning rate)")
-
-
-def check_fisher_args(fisher_type: str, num_batches, sample_fn) -> None:
-    if fisher_type not in fisher.FISHER_TYPES:
-        raise KFACError(f"fisher_type={fisher_type!r}; choose one of {fisher.FISHER_TYPES}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise KFACError(f"num_batches={num_batches!r}; pass a positive integer or None")
-    if sample_fn is not None and fisher_type == "empirical":
-        raise KFACError("sample_fn= only applies to fisher_type='true'")
-
-
-def fisher_passes(
-    model: nn.Module,
-    data: Iterable,
-    taps: List[OutputTap],
-    *,
-    num_batches: Optional[int] = None,
-    fisher_type: str = "true",
-    loss_fn: Optional[Callable] = None,
-    sample_fn: Optional[Callable] = None,
-    batch_fn: Callable = default_batch_fn,
-    forward_fn: Callable = default_forward_fn,
-    progress: bool = True,
-    desc: str = "Fisher passes",
-) -> float:
-    """One forward and one per-example-loss backward per batch with ``taps`` hooked.
-
-    The backward pass differentiates ``Σ_n ℓ_n`` (``ℓ_n`` from ``loss_fn``, labels drawn by
-    ``sample_fn`` for the true Fisher) down to the tapped layer outputs only. Runs in eval mode
-    and leaves the model as found (:func:`preserved_model_state`, hooks removed), also on
-    errors. Returns the number of examples seen.
-    """
-    check_fisher_args(fisher_type, num_batches, sample_fn)
-    loss_fn = loss_fn or fisher.cross_entropy
-    sample_fn = sample_fn or fisher.sample_categorical
-    device = _model_device(model)
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    if num_batches is not None:
-        total = num_batches if total is None else min(total, num_batches)
-
-    from tqdm.auto import tqdm
-
-    handles, bar, num_examples = [], None, 0.0
-    try:
-        with preserved_model_state(model):
-            handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
-            bar = tqdm(data, total=total, desc=desc, disable=not progress, leave=False)
-            for step, batch in enumerate(bar):
-                if num_batches is not None and step >= num_batches:
-                    break
-                inputs, targets = batch_fn(batch)
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-                try:
-                    outputs = forward_fn(model, inputs)
-                except Exception as exc:
-                    raise KFACError(
-                        f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
-                        "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
-                _raise_if_non_finite(taps, step)
-                if fisher_type == "true":
-                    targets = sample_fn(outputs)
-                elif targets is None:
-                    raise KFACError("fisher_type='empirical' needs targets in every batch; "
-                                    "the batch has none (or use fisher_type='true')")
-                losses = loss_fn(outputs, targets)
-                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
-                        and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
-                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise KFACError(
-                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
-                        "use reduction='none' so the factors are scaled per example")
-                probes = [p for t in taps for p in t.take_probes()]
-                if probes and losses.requires_grad:
-                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
-                for t in taps:
-                    t.end_batch()
-                _raise_if_non_finite(taps, step)
-                num_examples += losses.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
-    if num_examples == 0:
-        raise KFACError("data yielded no batches; pass a non-empty iterable of batches")
-    return num_examples
-
-
-# -- K-FAC factors ------------------------------------------------------------------------------
 class _LayerCollector(OutputTap):
     """Records ``Σ a aᵀ`` at forward and ``Σ g gᵀ`` at backward for one layer."""
 
@@ -403,9 +169,12 @@ class _LayerCollector(OutputTap):
         if self.factors is None:
             a, m = self.adapter, self.module
             G, d_in, d_out = a.groups(m), a.input_dim(m, self.factor_mode), a.output_dim(m)
-            zeros = lambda *s: torch.zeros(*s, device=device, dtype=torch.float32)  # noqa: E731
+
+            def zeros(*shape):
+                return torch.zeros(*shape, device=device, dtype=torch.float32)
+
             self.factors = KFACFactors(
-                name=self.name, kind=a.kind, factor_mode=self.factor_mode,
+                name=self.name, layer_kind=a.layer_kind, factor_mode=self.factor_mode,
                 weight_shape=m.weight.shape, groups=G, input_sum=zeros(G, d_in, d_in),
                 input_mean_sum=zeros(G, d_in), grad_sum=zeros(G, d_out, d_out),
                 has_bias=getattr(m, "bias", None) is not None)
@@ -433,53 +202,13 @@ class _LayerCollector(OutputTap):
         return None
 
 
-def select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
-    named = [(n, m) for n, m in model.named_modules() if adapter_for(m) is not None]
-    if modules is None:
-        if not named:
-            raise KFACError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer; "
-                            "K-FAC statistics cover only those layer kinds")
-        return named
-    names = {id(m): n for n, m in model.named_modules()}
-    chosen = []
-    for m in modules:
-        if id(m) not in names:
-            raise KFACError(f"modules= contains a {type(m).__name__} that is not a submodule "
-                            "of the model")
-        if adapter_for(m) is None:
-            raise KFACError(f"modules= contains '{names[id(m)]}' ({type(m).__name__}); only "
-                            "nn.Conv2d and nn.Linear layers are supported")
-        chosen.append((names[id(m)], m))
-    if not chosen:
-        raise KFACError("modules= is empty; pass None to cover every Conv2d/Linear layer")
-    return chosen
-
-
-def _all_reduce(factors: List[KFACFactors], num_examples: float, device) -> float:
-    """Sum factor sums and counts over ``torch.distributed`` ranks (global average)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return num_examples
-    counts = torch.tensor([num_examples] + [c for f in factors for c in (f.input_count, f.num_examples)],
-                          dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for f in factors:
-        for t in f._state_tensors():
-            dist.all_reduce(t)
-    values = counts.tolist()
-    for i, f in enumerate(factors):
-        f.input_count, f.num_examples = values[1 + 2 * i], values[2 + 2 * i]
-    return values[0]
-
-
 def collect_kfac(
     model: nn.Module,
     data: Iterable,
     *,
     num_batches: Optional[int] = None,
-    fisher_type: str = "true",
-    factor_mode: str = "channel",
+    fisher_type: FisherType = "true",
+    factor_mode: FactorMode = "channel",
     loss_fn: Optional[Callable] = None,
     sample_fn: Optional[Callable] = None,
     modules: Optional[Iterable[nn.Module]] = None,
@@ -500,19 +229,26 @@ def collect_kfac(
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-example losses (default: cross
             entropy). Must not average over the batch.
         sample_fn: ``sample_fn(outputs) -> targets`` for the true Fisher.
-        batch_fn: ``batch -> (inputs, targets)``; see :func:`default_batch_fn`.
-        forward_fn: ``(model, inputs) -> outputs``; see :func:`default_forward_fn`.
+        modules: the layers to cover (default: every ``nn.Conv2d`` / ``nn.Linear``).
+        batch_fn: ``batch -> (inputs, targets)``; see :func:`~tp_eigendamage.batches.default_batch_fn`.
+        forward_fn: ``(model, inputs) -> outputs``; see :func:`~tp_eigendamage.batches.default_forward_fn`.
         progress: show a tqdm progress bar.
 
+    Returns:
+        :class:`KFACStats`, keyed by module (``stats.for_model(copy)`` re-keys them onto a copy).
+
+    Raises:
+        KFACError: bad options or data, a model that cannot consume a batch, non-finite
+            activations or gradients (naming the layer), a loss that is not per example.
+
     Cost per batch: one forward and one backward that stops at the layer outputs (no weight
-    gradient is formed; see :class:`OutputTap`), plus the factor sums.
-    The model is evaluated in eval mode and left exactly as found (modes, parameters,
-    buffers, ``.grad``, ``requires_grad``, hooks), also when an error is raised. Under an
-    initialized ``torch.distributed`` group the sums and counts are all-reduced.
+    gradient is formed; docs/method.md §1), plus the factor sums. The model is evaluated in
+    eval mode and left exactly as found (modes, parameters, buffers, ``.grad``,
+    ``requires_grad``, hooks), also when an error is raised. Under an initialized
+    ``torch.distributed`` group the sums and counts are all-reduced.
     """
-    check_fisher_args(fisher_type, num_batches, sample_fn)
-    if factor_mode not in FACTOR_MODES:
-        raise KFACError(f"factor_mode={factor_mode!r}; choose one of {FACTOR_MODES}")
+    check_pass_options(fisher_type, num_batches, sample_fn)
+    check_choice(factor_mode, "factor_mode", FACTOR_MODES, KFACError)
     selected = select_modules(model, None if modules is None else list(modules))
     collectors = [_LayerCollector(n, m, factor_mode) for n, m in selected]
     num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
@@ -523,9 +259,12 @@ def collect_kfac(
     if missing and modules is not None:
         raise KFACError(f"modules= lists layers that never ran in forward: {missing}; "
                         "remove them or check the forward pass")
-    done = [c for c in collectors if c.factors is not None]
-    for c in done:
-        c.factors.num_examples = num_examples
-    num_examples = _all_reduce([c.factors for c in done], num_examples, _model_device(model))
-    return KFACStats({c.module: c.factors for c in done}, factor_mode=factor_mode,
-                     fisher_type=fisher_type, num_examples=num_examples, model=model)
+    factors = [c.factors for c in collectors if c.factors is not None]
+    counts = all_reduce_sums([t for f in factors for t in f.state_tensors()],
+                             [num_examples] + [f.input_count for f in factors], model_device(model))
+    num_examples = counts[0]
+    for f, input_count in zip(factors, counts[1:]):
+        f.input_count, f.num_examples = input_count, num_examples
+    return KFACStats({c.module: c.factors for c in collectors if c.factors is not None},
+                     factor_mode=factor_mode, fisher_type=fisher_type, num_examples=num_examples,
+                     model=model)

@@ -14,19 +14,30 @@ Shapes used throughout (``G`` = groups, ``K`` = kernel offsets, 1 for Linear):
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FACTOR_MODES = ("channel", "patch")
+__all__ = ["LayerAdapter", "LinearAdapter", "Conv2dAdapter", "adapter_for", "example_chunks",
+           "conv_explicit_padding", "conv_coverage", "CHUNK_ELEMENTS"]
+
+#: Per-example weight gradients are formed for at most this many entries at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def example_chunks(num_examples: int, per_example: int) -> List[slice]:
+    """Slices of the batch holding at most :data:`CHUNK_ELEMENTS` entries when each example
+    needs ``per_example`` of them (at least one example per chunk)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(lo, lo + step) for lo in range(0, num_examples, step)]
 
 
 class LayerAdapter:
     """Interface shared by the layer kinds K-FAC understands."""
 
-    kind: str = ""
+    layer_kind: str = ""
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -65,11 +76,20 @@ class LayerAdapter:
         """The weight as a ``(G, d_out, in/G, K)`` view."""
         raise NotImplementedError
 
+    def empty_layer(self, like: nn.Module, in_features: int, out_features: int, *, bias: bool,
+                    pointwise: bool = False) -> nn.Module:
+        """A new ungrouped layer of ``like``'s kind, device and dtype, weights uninitialised.
+
+        ``pointwise=True`` gives a 1×1 layer (a rotation); otherwise the layer keeps ``like``'s
+        geometry (kernel, stride, padding, dilation, padding mode).
+        """
+        raise NotImplementedError
+
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on ``(N, D)`` or token inputs ``(N, ..., D)``: every row is a sample."""
 
-    kind = "linear"
+    layer_kind = "linear"
 
     def in_features(self, module: nn.Linear) -> int:
         return module.in_features
@@ -87,6 +107,10 @@ class LinearAdapter(LayerAdapter):
 
     def weight_blocks(self, module):
         return module.weight.unsqueeze(0).unsqueeze(-1)
+
+    def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
+        return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias,
+                                        device=like.weight.device, dtype=like.weight.dtype)
 
     # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
     def per_example_grads(self, module, x, g):
@@ -114,7 +138,7 @@ def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[i
                   device, dtype=torch.float32) -> torch.Tensor:
     """How many (output location, kernel offset) pairs read each pixel of the padded input.
 
-    ``Σ_{t,k} x_{t,k} x_{t,k}ᵀ = Σ_p c(p) x_p x_pᵀ`` (MATH.md §1): ``c`` is a transposed
+    ``Σ_{t,k} x_{t,k} x_{t,k}ᵀ = Σ_p c(p) x_p x_pᵀ`` (docs/method.md §2): ``c`` is a transposed
     convolution of an all-ones output map with an all-ones kernel.
     """
     kh, kw = module.kernel_size
@@ -128,7 +152,7 @@ def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[i
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` (any stride, padding, dilation, groups); factors per group."""
 
-    kind = "conv2d"
+    layer_kind = "conv2d"
 
     def __init__(self):
         self._coverage_cache = {}
@@ -195,6 +219,13 @@ class Conv2dAdapter(LayerAdapter):
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)
 
+    def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
+        geometry = (dict(kernel_size=1) if pointwise else dict(
+            kernel_size=like.kernel_size, stride=like.stride, padding=like.padding,
+            dilation=like.dilation, padding_mode=like.padding_mode))
+        return torch.nn.utils.skip_init(nn.Conv2d, in_features, out_features, bias=bias,
+                                        device=like.weight.device, dtype=like.weight.dtype, **geometry)
+
     # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
     def per_example_grads(self, module, x, g):
         """``G_n = Σ_t g_t a_tᵀ`` over output locations t, ``(N, G, out/G, in/G, K)``.
@@ -214,8 +245,8 @@ _ADAPTERS = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}
 
 def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
     """A fresh adapter for ``module``'s kind, or ``None`` if K-FAC does not cover it."""
-    for kind in type(module).__mro__:
-        if kind in _ADAPTERS:
-            return _ADAPTERS[kind]()
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]()
     return None
 
