@@ -27,7 +27,7 @@ high-water mark minus resident set at the start on the CPU, under
 
 Run:
     python benchmarks/kfac_overhead.py [--batches 4] [--repeats 7] [--threads 1]
-    # the large-resolution check of issue 10 (collect_kfac ≤ 1.3× time and memory):
+    # at the resolution users run (target: collect_kfac ≤ 1.3× time and memory):
     python benchmarks/kfac_overhead.py --models resnet50 convnext_tiny vit_small_patch16_224 \\
         --size 224 --batch 32 --batches 1 --warmup 1 --repeats 3 --variants plain kfac-channel
 

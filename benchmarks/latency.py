@@ -24,7 +24,7 @@ Run (CPU defaults: 96 px, one thread):
 
 Prints a markdown table (per model, target and method: params and FLOPs kept, latency at
 batch 1 and at ``--batch`` relative to the unpruned model, number of modules, status — the
-error if the model could not be pruned), then the issue-12 checks per model and target:
+error if the model could not be pruned), then the latency targets per model and target:
 eigendamage latency / kron_obd latency ≤ 1.05 at both batch sizes, and eigendamage's latency
 ratio minus its FLOPs ratio ≤ 0.10 (a target at FLOPs 0.5 on resnet18 / resnet50).
 """
@@ -46,7 +46,7 @@ from _common import (checked, create_model, error_text, example_input, markdown_
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100", "vit_tiny_patch16_224"]
 METHODS = ["eigendamage", "kron_obd", "magnitude", "taylor"]
-#: where the issue sets "latency ratio ≤ FLOPs ratio + 0.10" for eigendamage
+#: where the target "latency ratio ≤ FLOPs ratio + 0.10" for eigendamage applies
 FLOPS_GAP_TARGET = dict(models=("resnet18", "resnet50"), target=0.5, bound=0.10)
 SAME_COST_BOUND = 1.05
 
@@ -135,7 +135,7 @@ def table(results: dict, args) -> str:
 
 
 def checks(results: dict, args) -> str:
-    """The issue-12 targets, per model and target."""
+    """The latency targets, per model and target."""
     head = ["model", f"target {args.target_kind}",
             f"eigendamage / kron_obd latency b=1 (≤ {SAME_COST_BOUND})",
             f"eigendamage / kron_obd latency b={args.batch} (≤ {SAME_COST_BOUND})",

@@ -31,7 +31,7 @@ Run (CPU defaults: 64 px, ``img_size=64`` for fixed-size models, 2 statistics ba
 Prints a row per model and method as it goes, then two markdown tables: per method (wall
 seconds, extra peak MiB, params and FLOPs kept, stage seconds) and per model (eigendamage and
 taylor time over kron_obd, eigendamage's eigendecomposition against decomposing each factor
-once, and the issue-10 targets: (eigendamage − eigendecomposition)/kron_obd ≤ 1.5,
+once, and the speed targets: (eigendamage − eigendecomposition)/kron_obd ≤ 1.5,
 eigendecomposition/eigh-once ≤ 1.3, eigendamage/kron_obd ≤ 3).
 """
 from __future__ import annotations
