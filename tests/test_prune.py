@@ -411,3 +411,19 @@ def test_unwrapped_parameter_warning_is_shown_once_with_its_name():
                       method="kron_obd", tolerance=0.1, progress=False)
     about = [w for w in caught if "unique_scale_for_warning_test" in str(w.message)]
     assert len(about) == 1 and "unwrapped_parameters" in str(about[0].message)
+
+
+def test_nan_scores_count_as_zero_with_a_warning():
+    """Torch-Pruning's Taylor importance is 0/0 = NaN for channels behind timm's zero-initialised
+    last BatchNorm; the target is still reached, with one warning naming the groups."""
+    import warnings
+
+    model = timm_model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    flops0 = n_flops(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ted.prune(model, batches(32), x, target_flops=0.3, method="taylor", progress=False)
+    assert abs(n_flops(model, x) / flops0 / 0.3 - 1) <= 0.02
+    nan = [w for w in caught if "NaN scores" in str(w.message)]
+    assert len(nan) == 1 and "layer1.0.conv1" in str(nan[0].message)

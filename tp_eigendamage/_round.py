@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -110,6 +111,7 @@ class RoundImportance(tp.importance.Importance):
         self.raw: Dict[tuple, Optional[torch.Tensor]] = {}      # the criterion's scores
         self.scores: Dict[tuple, Optional[torch.Tensor]] = {}   # capped and tie-broken
         self.scoring = True
+        self.nan_groups: List[Optional[str]] = []     # roots of groups whose scores held NaN
         self.names: Dict[int, str] = {}
         self.modules: Dict[str, nn.Module] = {}
 
@@ -172,7 +174,13 @@ class RoundImportance(tp.importance.Importance):
         self.raw[key] = self.scores[key] = None
         if raw is None:
             return
-        self.raw[key] = raw = raw.detach().float().cpu()
+        raw = raw.detach().float().cpu()
+        if torch.isnan(raw).any():
+            # e.g. Torch-Pruning's Taylor importance divides 0 by 0 for channels whose gradient
+            # is exactly zero (behind a zero-initialised BatchNorm): such channels cost nothing
+            self.nan_groups.append(key[0])
+            raw = torch.nan_to_num(raw, nan=0.0)
+        self.raw[key] = raw
         scores = raw.clone()
         magnitude = self.magnitude(group)
         if magnitude is not None:
@@ -259,6 +267,12 @@ class Round:
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)
         list(_tp.groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
+        if self.importance.nan_groups:
+            listed = ", ".join(repr(n) for n in self.importance.nan_groups[:5])
+            warnings.warn(f"{type(self.importance.inner).__name__} returned NaN scores in "
+                          f"{len(self.importance.nan_groups)} group(s) ({listed}"
+                          f"{', ...' if len(self.importance.nan_groups) > 5 else ''}); they count as 0 "
+                          "(removed first), as for channels whose gradient is exactly zero", stacklevel=3)
         if not self.importance.scores:
             raise _nothing_to_prune(config, self.importance.names)
         self.meta = not config.needs_clock
