@@ -5,14 +5,13 @@ A pruned block computes ``y = R_out (W*_k ⋆ (R_in x)) + b``: the 1×1 rotation
 the 1×1 rotation ``R_out`` ``(C_out × r_out)`` carrying the bias. Merging neighbouring factors
 gives four forms that compute the same function:
 
-==============  =============================================  =============================================
-form            layers                                         multiply-accumulates (MACs)
-==============  =============================================  =============================================
-``kfe``         ``R_in`` 1×1 → ``W*`` k×k → ``R_out`` 1×1      ``C_in r_in L_in + r_in r_out K L_out + r_out C_out L_out``
-``in_merged``   ``W* R_in`` k×k ``C_in→r_out`` → ``R_out`` 1×1  ``C_in r_out K L_out + r_out C_out L_out``
-``out_merged``  ``R_in`` 1×1 → ``R_out W*`` k×k ``r_in→C_out``  ``C_in r_in L_in + r_in C_out K L_out``
-``dense``       ``R_out W* R_in`` k×k ``C_in→C_out``             ``C_in C_out K L_out``
-==============  =============================================  =============================================
+* ``kfe``: ``R_in`` 1×1 → ``W*`` k×k → ``R_out`` 1×1, costing
+  ``C_in r_in L_in + r_in r_out K L_out + r_out C_out L_out`` multiply-accumulates (MACs);
+* ``in_merged``: ``W* R_in`` k×k ``C_in → r_out`` → ``R_out`` 1×1,
+  ``C_in r_out K L_out + r_out C_out L_out``;
+* ``out_merged``: ``R_in`` 1×1 → ``R_out W*`` k×k ``r_in → C_out``,
+  ``C_in r_in L_in + r_in C_out K L_out``;
+* ``dense``: ``R_out W* R_in`` k×k ``C_in → C_out``, ``C_in C_out K L_out``.
 
 ``L_in`` is the number of positions the block reads (``N·H_in·W_in`` for a conv, rows for a
 Linear on tokens), ``L_out`` the number it writes (after the core's stride). Parameters are the

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -243,13 +243,21 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
     return model
 
 
-def _block_calls(model: nn.Module, example_inputs, blocks) -> Dict[int, List[Tuple[torch.Tensor, torch.Size]]]:
-    """``id(block) → [(input, output shape)]`` of every call of each block in one forward of
-    ``model`` on ``example_inputs`` (eval mode, modes restored, no gradients)."""
-    calls: Dict[int, List[Tuple[torch.Tensor, torch.Size]]] = {id(b): [] for _, b in blocks}
+class _Call(NamedTuple):
+    """One call of a block: its input and output shapes, and the input itself if it is kept."""
+
+    input_shape: torch.Size
+    output_shape: torch.Size
+    input: Optional[torch.Tensor]
+
+
+def _block_calls(model: nn.Module, example_inputs, blocks, keep_inputs: bool) -> Dict[int, List[_Call]]:
+    """``id(block) → calls`` of each block in one forward of ``model`` on ``example_inputs``
+    (eval mode, modes restored, no gradients); inputs are kept only if ``keep_inputs``."""
+    calls: Dict[int, List[_Call]] = {id(b): [] for _, b in blocks}
 
     def record(block, inputs, output):
-        calls[id(block)].append((inputs[0], output.shape))
+        calls[id(block)].append(_Call(inputs[0].shape, output.shape, inputs[0] if keep_inputs else None))
 
     hooks = [b.register_forward_hook(record) for _, b in blocks]
     try:
@@ -261,16 +269,18 @@ def _block_calls(model: nn.Module, example_inputs, blocks) -> Dict[int, List[Tup
     return calls
 
 
-def _form_costs(block: KFEBlock, cost: str, calls, forms, latencies: Optional[FormLatencies]) -> Dict[str, float]:
+def _form_costs(block: KFEBlock, cost: str, calls: Optional[List[_Call]], forms,
+                latencies: FormLatencies) -> Dict[str, float]:
     """The cost of each of ``forms`` of ``block``: parameters, MACs summed over its calls, or
     measured seconds (the first call's input, times the number of calls)."""
     if cost == "params":
         return form_macs(block)
     if cost == "flops":
         (_, c_in), (c_out, _) = block.rotation_in_matrix().shape, block.rotation_out_matrix().shape
-        totals = [form_macs(block, x.numel() // c_in, math.prod(shape) // c_out) for x, shape in calls]
+        totals = [form_macs(block, math.prod(c.input_shape) // c_in, math.prod(c.output_shape) // c_out)
+                  for c in calls]
         return {f: sum(t[f] for t in totals) for f in forms}
-    seconds = latencies(block, calls[0][0], forms)
+    seconds = latencies(block, calls[0].input, forms)
     return {f: seconds[f] * len(calls) for f in forms}
 
 
@@ -310,7 +320,8 @@ def to_cheapest_forms(model: nn.Module, *, cost: str = "params", example_inputs=
     if any(name == "" for name, _ in blocks):
         raise KFEError("the model itself is a KFEBlock; call model.fold() instead, or wrap it in "
                        "nn.Sequential so that it can be replaced in place")
-    calls = _block_calls(model, example_inputs, blocks) if cost != "params" and blocks else {}
+    measured = cost != "params" and blocks
+    calls = _block_calls(model, example_inputs, blocks, keep_inputs=cost == "latency") if measured else {}
     latencies = FormLatencies() if latencies is None else latencies
     chosen = []
     for name, blk in blocks:

@@ -66,9 +66,9 @@ from .batches import Inputs, default_batch_fn, default_forward_fn
 from .budget import search_ratio
 from .eigen import PRECISIONS, Precision
 from .errors import PruneArgumentError
+from .forms import COSTS
 from .heads import output_layers, unique_modules
 from .kfac import MAX_FACTOR_DIM
-from .forms import COSTS
 from .kfe import kfe_blocks, kfe_targets, to_kfe
 from .latency import latency_clock, measure_latency
 from .layers import adapter_for
@@ -293,7 +293,9 @@ def prune(
         form_cost: what each kept KFE block's storage form is chosen by after the last round
             (:func:`~tp_eigendamage.to_cheapest_forms`): ``"params"``, ``"flops"`` or
             ``"latency"``. Default: the budgeted cost — parameters for ``target_params``, FLOPs
-            for ``target_flops`` and for ``pruning_ratio``, latency for ``target_latency``.
+            for ``target_flops`` and for ``pruning_ratio``, latency for ``target_latency``. By
+            another cost, the budgeted cost jumps where a block changes form: a looser
+            ``tolerance`` may be needed.
         eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
             (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
