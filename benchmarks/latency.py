@@ -36,7 +36,10 @@ batch 1 and at ``--batch`` relative to the unpruned model, as pruned and fused, 
 forms, number of modules, status — the error if the model could not be pruned), then the
 latency targets: eigendamage latency / kron_obd latency ≤ 1.05 at equal FLOPs, eigendamage's
 latency ratio minus its FLOPs ratio ≤ 0.10 (FLOPs 0.5 on resnet18 / resnet50), and every
-``target_latency`` model within 10 % of the batch-1 latency it asked for.
+``target_latency`` model within 10 % of the batch-1 latency it asked for. ``--breakdown`` adds
+where the time goes: every leaf module of the unpruned, eigendamage and kron_obd models timed
+alone on the input it reads, summed per kind of module (1×1 convolutions, other convolutions,
+grouped convolutions, then by class).
 """
 from __future__ import annotations
 
@@ -158,7 +161,8 @@ def table(results: dict, args) -> str:
                 rows.append([name, v.label, target] + ["–"] * 8 + [v.error])
             elif v is base:
                 rows.append([name, v.label, target, "1.000", "1.000"]
-                            + [f"1.000 ({v.latency[c] * 1e3:.1f} ms)" for c in COLUMNS] + ["–", str(v.modules), "ok"])
+                            + [f"1.000 ({v.latency[c] * 1e3:.1f} ms)" for c in COLUMNS]
+                            + ["–", str(v.modules), "ok"])
             else:
                 rows.append([name, v.label, target, f"{v.params:.3f}", f"{v.flops:.3f}"]
                             + [f"{v.latency[c] / base.latency[c]:.3f}" for c in COLUMNS]
@@ -208,6 +212,61 @@ def landing(results: dict) -> str:
     return markdown_table(head, rows)
 
 
+def layer_kind(layer: nn.Module) -> str:
+    """What a leaf module is, for the time breakdown."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups > 1:
+            return "grouped conv"
+        return "1×1 conv" if layer.kernel_size == (1, 1) and layer.stride == (1, 1) else "other conv"
+    return type(layer).__name__
+
+
+def time_by_layer_kind(model: nn.Module, x: torch.Tensor, args) -> Dict[str, float]:
+    """Seconds per forward spent in each kind of leaf module (each leaf timed alone on the input
+    it reads), and ``"total"`` (the whole model, timed the same way)."""
+    seen: Dict[str, tuple] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+
+    def keep_inputs(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, inputs)
+        return hook
+
+    hooks = [m.register_forward_hook(keep_inputs(n)) for n, m in leaves]
+    with torch.inference_mode():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    spent = {"total": ted.measure_latency([model], x, repeats=args.repeats)[0]}
+    for n, m in leaves:
+        if n in seen:
+            kind = layer_kind(m)
+            alone = ted.measure_latency([m], seen[n], repeats=5, min_sample_s=0.002)[0]
+            spent[kind] = spent.get(kind, 0.0) + alone
+    return spent
+
+
+def breakdown(results: dict, args) -> str:
+    """Where the time goes: the unpruned model, eigendamage and kron_obd at the first target."""
+    head = ["model", "batch", "model variant", "total ms", "time per leaf-module kind (ms; the rest is "
+            "outside modules: residual sums, reshapes, ...)"]
+    rows = []
+    for name, variants in results.items():
+        chosen = [v for v in variants if v.kind is None or (
+            v.kind == args.target_kind and v.target == args.targets[0] and v.label in ("eigendamage", "kron_obd"))]
+        for b, batch in enumerate((1, args.batch)):
+            x = example_input(args.size, args.device, batch)
+            for v in chosen:
+                if v.model is None:
+                    continue
+                spent = time_by_layer_kind(v.model, x, args)
+                kinds = sorted((k for k in spent if k != "total"), key=lambda k: -spent[k])
+                shown = [f"{k} {spent[k] * 1e3:.2f}" for k in kinds if spent[k] >= 0.02 * spent["total"]]
+                rows.append([name, str(batch), v.label if v.kind is None else f"{v.label} {v.kind} {v.target}",
+                             f"{spent['total'] * 1e3:.2f}", ", ".join(shown)])
+    return markdown_table(head, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=MODELS, help="timm model names")
@@ -228,6 +287,9 @@ def main() -> None:
     p.add_argument("--min-sample-ms", type=float, default=5.0, help="shortest timed sample")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time every leaf module of the unpruned, eigendamage and kron_obd models "
+                        "(first target) alone and print the time per kind of module")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -251,6 +313,9 @@ def main() -> None:
     if args.latency_targets:
         print()
         print(landing(results))
+    if args.breakdown:
+        print()
+        print(breakdown(results, args))
 
 
 if __name__ == "__main__":
