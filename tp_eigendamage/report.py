@@ -100,7 +100,8 @@ class PruneReport:
         before, after: the model's :class:`~tp_eigendamage.budget.Cost` before / after.
         rows: one :class:`LayerRow` per layer of the unpruned model.
         rounds: per round: channel ratio, params / FLOPs fractions reached, predicted damage,
-            search trials.
+            search trials, the fraction the search reached; for a latency target, the measured
+            latency fraction after every round but the last (the last is ``latency_fraction``).
         kfe_blocks_built: KFE blocks created during pruning.
         timings: wall seconds per stage (:data:`tp_eigendamage.prune.STAGES`).
         target: the budget asked for, e.g. ``{"target_params": 0.5}`` (share KEPT) or
