@@ -99,6 +99,7 @@ def test_compare_covers_every_method_target_and_seed_reproducibly(tmp_path, caps
     (["--model", "resnet81"], "did you mean 'resnet18'"),
     (["--target-parms", "0.5"], "did you mean '--target-params'"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--ranking", "damage_per_flop"], "invalid choice: 'damage_per_flop'"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code = main(TINY + args + ["--out", str(tmp_path / "x")])
@@ -157,6 +158,6 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
                  "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
-                 "--stat-batches", "--fisher-type", "--seed", "--device", "--out", "--checkpoint"):
+                 "--stat-batches", "--fisher-type", "--ranking", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
     assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout

@@ -5,11 +5,13 @@ Each option is a ``Literal`` type (for readers and type checkers) and a tuple of
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence, Type, get_args
+import difflib
+from typing import Iterable, Literal, Sequence, Type, get_args
 
 from .errors import InvalidArgumentError
 
-__all__ = ["FisherType", "FactorMode", "Side", "FISHER_TYPES", "FACTOR_MODES", "SIDES", "check_choice"]
+__all__ = ["FisherType", "FactorMode", "Side", "Ranking", "FISHER_TYPES", "FACTOR_MODES", "SIDES", "RANKINGS",
+           "check_choice", "did_you_mean"]
 
 FisherType = Literal["true", "empirical"]
 """``"true"``: labels drawn from the model's predictive distribution; ``"empirical"``: data labels."""
@@ -20,14 +22,26 @@ FactorMode = Literal["channel", "patch"]
 Side = Literal["producer", "consumer"]
 """Which members of a coupled channel group carry its damage (docs/method.md §9)."""
 
+Ranking = Literal["damage", "damage_per_cost"]
+"""How :func:`~tp_eigendamage.prune` ranks channels globally: by damage, or by damage per unit of
+the budgeted cost a channel's removal saves (docs/method.md §7)."""
+
 FISHER_TYPES = get_args(FisherType)
 FACTOR_MODES = get_args(FactorMode)
 SIDES = get_args(Side)
+RANKINGS = get_args(Ranking)
+
+
+def did_you_mean(word, choices: Iterable) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_choice(value, name: str, choices: Sequence, error: Type[Exception] = InvalidArgumentError,
                  hint: str = "") -> None:
-    """Raise ``error`` naming ``name``, the bad ``value`` and the valid ``choices``."""
+    """Raise ``error`` naming ``name``, the bad ``value``, the closest and all valid ``choices``."""
     if value not in choices:
         listed = ", ".join(repr(c) for c in choices)
-        raise error(f"{name}={value!r}; choose one of {listed}{'. ' + hint if hint else ''}")
+        raise error(f"{name}={value!r}{did_you_mean(value, choices)}; choose one of {listed}"
+                    f"{'. ' + hint if hint else ''}")

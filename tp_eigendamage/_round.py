@@ -33,11 +33,15 @@ from .layers import adapter_for
 from .methods import Method
 
 __all__ = ["PruneConfig", "Round", "RoundImportance", "checked_cost", "layer_name", "store_forms",
-           "latency_fraction", "INTERMEDIATE_FORMS"]
+           "latency_fraction", "channel_costs", "INTERMEDIATE_FORMS", "ZERO_COST"]
 
 #: Forms of a KFE block between rounds: a block the next round re-rotates stays a block, one
 #: that does not pay is folded (the next round rewrites the dense layer afresh).
 INTERMEDIATE_FORMS = ("dense", "kfe")
+
+#: A channel whose removal saves none of the ranking cost is charged this share of the model's
+#: total cost instead of 0, so that its damage per cost keeps its sign and stays finite.
+ZERO_COST = 1e-9
 
 #: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
 _MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
@@ -65,6 +69,7 @@ class PruneConfig:
     timm_helper: Any
     eigen_precision: str = "float64"
     form_cost: str = "params"         # what the forms of KFE blocks are chosen by
+    ranking_cost: Optional[str] = None    # "params" / "flops": rank by damage per that cost
     unpruned: Optional[nn.Module] = None   # the user's model: the latency reference
     latencies: FormLatencies = field(default_factory=FormLatencies)
 
@@ -79,6 +84,35 @@ def store_forms(model: nn.Module, config: PruneConfig, inputs, final: bool) -> N
     four forms after the last round, :data:`INTERMEDIATE_FORMS` before."""
     to_cheapest_forms(model, cost=config.form_cost, example_inputs=inputs,
                       forms=FORMS if final else INTERMEDIATE_FORMS, latencies=config.latencies)
+
+
+def channel_costs(group: _tp.Group, layer_costs: Dict[nn.Module, float]) -> torch.Tensor:
+    """What removing each root channel of ``group`` saves: float64, one entry per root channel.
+
+    A member layer with cost ``c`` (its own FLOPs or parameters) and ``n`` channels on the side
+    the group prunes loses ``c / n`` per channel it loses (a conv's or linear's count is linear
+    in each of its channel counts, a BatchNorm's in its one), so root channel ``j`` saves
+    ``Σ_members c/n · #{member channels following j}``. A layer appearing twice in a group
+    (a depthwise conv pruned on both sides) is charged once; members without a count of their
+    own (activations, element-wise operations, modules outside ``layer_costs``) add nothing.
+    """
+    saved = torch.zeros(len(_tp.group_root(group)[2]), dtype=torch.float64)
+    position: Optional[Dict[int, int]] = None
+    charged = set()
+    for member in _tp.members(group):
+        if position is None:   # the root member lists the root channels in order
+            position = {r: p for p, r in enumerate(member.root_idxs)}
+        layer = member.layer
+        if id(layer) in charged or not isinstance(layer, nn.Module) or layer not in layer_costs:
+            continue
+        channels = _tp.member_channels(group, member)
+        if not channels:
+            continue
+        charged.add(id(layer))
+        for root in member.root_idxs:
+            if root in position:
+                saved[position[root]] += layer_costs[layer] / channels
+    return saved
 
 
 def latency_fraction(model: nn.Module, config: PruneConfig) -> float:
@@ -98,6 +132,11 @@ class RoundImportance(tp.importance.Importance):
     * Ties: exact ties (e.g. channels feeding a zero-initialised BatchNorm, whose damage is
       exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude, far
       below any damage float32 can tell apart from another.
+    * Damage per cost (``layer_costs`` given: ``module → its FLOPs or parameters``): the
+      tie-broken damage of each channel is divided by what its removal saves
+      (:func:`channel_costs`; at least :data:`ZERO_COST` × the model's total), the greedy
+      order of the knapsack "least damage for the budget" (docs/method.md §7). The cost is
+      positive, so a negative damage stays negative and is removed first.
     * Cache: scores do not depend on the pruning amount, so every group is scored once per
       round, on the model itself; shape-only twins (``for_twin``) read the cache (keyed by the
       root layer's name and pruning function) and never score.
@@ -105,8 +144,10 @@ class RoundImportance(tp.importance.Importance):
 
     TIE_BREAK = 1e-20
 
-    def __init__(self, inner: tp.importance.Importance, cap: float, initial: Dict[str, Tuple[int, int]]):
-        self.inner, self.cap, self.initial = inner, cap, initial
+    def __init__(self, inner: tp.importance.Importance, cap: float, initial: Dict[str, Tuple[int, int]],
+                 layer_costs: Optional[Dict[nn.Module, float]] = None):
+        self.inner, self.cap, self.initial, self.layer_costs = inner, cap, initial, layer_costs
+        self.cost_floor = ZERO_COST * sum(layer_costs.values()) if layer_costs else 0.0
         self.magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
         self.raw: Dict[tuple, Optional[torch.Tensor]] = {}      # the criterion's scores
         self.scores: Dict[tuple, Optional[torch.Tensor]] = {}   # capped and tie-broken
@@ -185,6 +226,9 @@ class RoundImportance(tp.importance.Importance):
         magnitude = self.magnitude(group)
         if magnitude is not None:
             scores += self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
+        if self.layer_costs:
+            saved = channel_costs(group, self.layer_costs).clamp_min(self.cost_floor)
+            scores = (scores.double() / saved).float()
         scores[torch.topk(scores, self._must_keep(group)).indices] = float("inf")
         self.scores[key] = scores
 
@@ -262,7 +306,11 @@ class Round:
 
     def __init__(self, model: nn.Module, stats, config: PruneConfig, final: bool):
         self.model, self.config, self.final = model, config, final
-        self.importance = RoundImportance(config.method.importance(stats), config.cap, config.initial)
+        costs = None
+        if config.ranking_cost is not None:
+            with _tp.pruning_errors("counting the model's layer-wise costs", model, config.example_inputs):
+                costs = _tp.layer_costs(model, config.example_inputs, config.ranking_cost)
+        self.importance = RoundImportance(config.method.importance(stats), config.cap, config.initial, costs)
         with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)

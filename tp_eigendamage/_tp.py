@@ -28,7 +28,8 @@ from .batches import default_forward_fn
 from .errors import PruningError, TPEigenDamageError
 
 __all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "module_neighbours",
-           "traceable", "trace_graph", "make_pruner", "groups_at", "count_ops_and_params",
+           "traceable", "trace_graph", "make_pruner", "groups_at", "count_ops_and_params", "layer_costs",
+           "member_channels",
            "pruning_errors", "failing_module", "IGNORE_HINT"]
 
 Group = tp.dependency.Group
@@ -175,6 +176,24 @@ def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = Fa
         for m in model.modules()
         if type(m) not in counted and any(base in counted for base in type(m).__mro__)}
     return tp.utils.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+
+
+def layer_costs(model: nn.Module, example_inputs, metric: str) -> Dict[nn.Module, float]:
+    """``module → its own count of metric`` (``"flops"``: multiply-accumulates, or ``"params"``)
+    on one forward pass of ``example_inputs``, by :func:`count_ops_and_params`; modules that
+    count nothing are left out."""
+    _, _, flops, params = count_ops_and_params(model, example_inputs, layer_wise=True)
+    counts = flops if metric == "flops" else params
+    return {module: float(value) for module, value in counts.items() if value}
+
+
+def member_channels(group: Group, member: Member) -> Optional[int]:
+    """How many channels ``member``'s layer has on the side the group prunes (outputs or
+    inputs), by Torch-Pruning's own pruner for the layer; None for a layer it has none for."""
+    pruner = group._DG.get_pruner_of_module(member.layer)
+    if pruner is None:
+        return None
+    return pruner.get_out_channels(member.layer) if member.is_out_channel else pruner.get_in_channels(member.layer)
 
 
 # -- Torch-Pruning failures in the package's terms ------------------------------------------------

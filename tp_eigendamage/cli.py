@@ -7,14 +7,14 @@ the same statistics data and fine-tuning budget, over several seeds.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from . import jobs
+from ._options import RANKINGS, did_you_mean
 from .errors import InvalidArgumentError, TPEigenDamageError
 from .methods import METHODS
 
@@ -28,18 +28,12 @@ class CLIError(InvalidArgumentError):
     """A bad command line or environment, reported in one line before any long work."""
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             options = [o for action in self._actions for o in action.option_strings]
-            message += "".join(_did_you_mean(word.split("=")[0], options)
+            message += "".join(did_you_mean(word.split("=")[0], options)
                                for word in message[len(prefix):].split() if word.startswith("-"))
         raise CLIError(f"{message}; see {self.prog} --help")
 
@@ -55,6 +49,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--stat-batches", type=int, default=8, help="batches for curvature statistics")
     p.add_argument("--fisher-type", choices=("true", "empirical"), default="true")
+    p.add_argument("--ranking", choices=RANKINGS, default=None,
+                   help="global channel order: by damage, or by damage per unit of the budgeted cost "
+                        "(FLOPs, or parameters for a parameter target); default: damage_per_cost for "
+                        "FLOPs and latency targets, damage otherwise")
     p.add_argument("--iterative-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split, initialisation, batch order and label sampling")
@@ -125,7 +123,7 @@ def _check_common(args) -> None:
     import timm
 
     if not timm.is_model(args.model):
-        raise CLIError(f"unknown timm model {args.model!r}{_did_you_mean(args.model, timm.list_models())}; "
+        raise CLIError(f"unknown timm model {args.model!r}{did_you_mean(args.model, timm.list_models())}; "
                        "see timm.list_models()")
     for name in ("image_size", "epochs", "batch_size", "stat_batches", "iterative_steps"):
         value, least = getattr(args, name), (0 if name == "epochs" else 1)
@@ -173,7 +171,7 @@ def _check_writable(path: str) -> None:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise CLIError(f"unknown method {method!r}{_did_you_mean(method, METHODS)}; choose one of "
+        raise CLIError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; choose one of "
                        f"{', '.join(METHODS)}")
 
 
@@ -230,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["compare"]:
             _compare(build_compare_parser().parse_args(argv[1:]))
         elif argv and not argv[0].startswith("-"):
-            raise CLIError(f"unknown command {argv[0]!r}{_did_you_mean(argv[0], COMMANDS)}; the commands "
+            raise CLIError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; the commands "
                            f"are {', '.join(COMMANDS)} (or none, for the default job); see tp-eigendamage --help")
         else:
             _run(build_parser().parse_args(argv))

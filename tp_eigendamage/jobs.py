@@ -127,7 +127,7 @@ def _prune_once(model, experiment, args, method: str, target: dict, finetune_epo
     finetune = _finetune_fn(experiment, args, finetune_epochs) if finetune_epochs > 0 else None
     return prune(model, stats_data, experiment.example_inputs, method=method,
                  iterative_steps=args.iterative_steps, finetune=finetune,
-                 fisher_type=args.fisher_type, progress=not args.no_progress, **target)
+                 fisher_type=args.fisher_type, ranking=args.ranking, progress=not args.no_progress, **target)
 
 
 def run(args, target: Dict[str, float]) -> dict:

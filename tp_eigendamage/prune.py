@@ -59,7 +59,7 @@ import torch_pruning as tp
 
 from . import _tp
 from ._model_state import adopt_modes_flags_hooks
-from ._options import FisherType, check_choice
+from ._options import RANKINGS, FisherType, Ranking, check_choice
 from ._passes import check_data, is_one_shot
 from ._round import PruneConfig, Round, checked_cost, latency_fraction, store_forms
 from .batches import Inputs, default_batch_fn, default_forward_fn
@@ -88,6 +88,13 @@ _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterativ
 #: The cost KFE blocks' forms are chosen by, per budget (``form_cost=None``).
 FORM_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "target_latency": "latency",
                        "pruning_ratio": "flops"}
+#: The cost ``ranking="damage_per_cost"`` divides by, per budget: FLOPs stand in for latency
+#: (a count is known per layer before pruning, a latency is not) and for ``pruning_ratio``.
+RANKING_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "target_latency": "flops",
+                          "pruning_ratio": "flops"}
+#: The ranking per budget (``ranking=None``), chosen on benchmarks/paper_protocol.py (README).
+DEFAULT_RANKING = {"target_params": "damage", "target_flops": "damage_per_cost",
+                   "target_latency": "damage_per_cost", "pruning_ratio": "damage"}
 #: ``tolerance=None``: measured latency is noisier than a count.
 DEFAULT_TOLERANCE = {"target_latency": 0.05}
 
@@ -251,6 +258,7 @@ def prune(
     sample_fn: Optional[Callable] = None,
     tolerance: Optional[float] = None,
     form_cost: Optional[str] = None,
+    ranking: Optional[Ranking] = None,
     eigen_precision: Precision = "float64",
     progress: bool = True,
     max_factor_dim: int = MAX_FACTOR_DIM,
@@ -296,6 +304,15 @@ def prune(
             for ``target_flops`` and for ``pruning_ratio``, latency for ``target_latency``. By
             another cost, the budgeted cost jumps where a block changes form: a looser
             ``tolerance`` may be needed.
+        ranking: how global pruning orders channels. ``"damage"``: by the criterion's score;
+            ``"damage_per_cost"``: by score per unit of budgeted cost the channel's removal
+            saves (its share of the FLOPs, or parameters for ``target_params``, of every layer
+            it touches, counted on the model each round), the greedy answer to "remove the
+            least damage that meets the budget" (docs/method.md §7). FLOPs stand in for
+            latency and for ``pruning_ratio``. Default (None): ``"damage_per_cost"`` for
+            ``target_flops`` and ``target_latency``, ``"damage"`` for ``target_params`` and
+            ``pruning_ratio`` (measured in the README's paper-protocol section). With
+            ``global_pruning=False`` both give the same order within a layer.
         eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
             (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
@@ -319,6 +336,9 @@ def prune(
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
     check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
+    ranking = DEFAULT_RANKING[target] if ranking is None else ranking
+    check_choice(ranking, "ranking", RANKINGS, PruneArgumentError,
+                 hint="or None: the default for the budget")
     method = get_method(method)
     _check_data(data, method, iterative_steps)
     model = _uncompiled(model)
@@ -332,7 +352,8 @@ def prune(
                          outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
                          timm_helper=_timm_integration(work), eigen_precision=eigen_precision,
-                         form_cost=form_cost, unpruned=model)
+                         form_cost=form_cost, unpruned=model,
+                         ranking_cost=RANKING_COST_OF_TARGET[target] if ranking == "damage_per_cost" else None)
     report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
     _move_into(model, work)
     return model, report
