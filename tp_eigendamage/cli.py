@@ -52,7 +52,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranking", choices=RANKINGS, default=None,
                    help="global channel order: by damage, or by damage per unit of the budgeted cost "
                         "(FLOPs, or parameters for a parameter target); default: damage_per_cost for "
-                        "FLOPs and latency targets, damage otherwise")
+                        "FLOPs and latency targets with the second-order methods, damage otherwise")
     p.add_argument("--iterative-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split, initialisation, batch order and label sampling")

@@ -72,7 +72,7 @@ from .kfac import MAX_FACTOR_DIM
 from .kfe import kfe_blocks, kfe_targets, to_kfe
 from .latency import latency_clock, measure_latency
 from .layers import adapter_for
-from .methods import METHODS, get_method
+from .methods import METHODS, Method, get_method
 from .report import PruneReport, build_report, layer_stats
 
 __all__ = ["prune", "STAGES"]
@@ -92,9 +92,16 @@ FORM_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "targ
 #: (a count is known per layer before pruning, a latency is not) and for ``pruning_ratio``.
 RANKING_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "target_latency": "flops",
                           "pruning_ratio": "flops"}
-#: The ranking per budget (``ranking=None``), chosen on benchmarks/paper_protocol.py (README).
-DEFAULT_RANKING = {"target_params": "damage", "target_flops": "damage_per_cost",
-                   "target_latency": "damage_per_cost", "pruning_ratio": "damage"}
+#: Budgets whose default ranking is ``"damage_per_cost"`` for criteria in loss units
+#: (``ranking=None``), chosen on benchmarks/paper_protocol.py (README, "The paper's protocol").
+PER_COST_BY_DEFAULT = ("target_flops", "target_latency")
+
+
+def default_ranking(target: str, method: Method) -> str:
+    """``"damage_per_cost"`` for a FLOP or latency budget and a criterion whose scores are
+    predicted loss increases (additive, on one scale across layers: the knapsack's damages),
+    ``"damage"`` otherwise."""
+    return "damage_per_cost" if target in PER_COST_BY_DEFAULT and method.loss_units else "damage"
 #: ``tolerance=None``: measured latency is noisier than a count.
 DEFAULT_TOLERANCE = {"target_latency": 0.05}
 
@@ -310,9 +317,9 @@ def prune(
             it touches, counted on the model each round), the greedy answer to "remove the
             least damage that meets the budget" (docs/method.md §7). FLOPs stand in for
             latency and for ``pruning_ratio``. Default (None): ``"damage_per_cost"`` for
-            ``target_flops`` and ``target_latency``, ``"damage"`` for ``target_params`` and
-            ``pruning_ratio`` (measured in the README's paper-protocol section). With
-            ``global_pruning=False`` both give the same order within a layer.
+            ``target_flops`` and ``target_latency`` with the second-order methods (scores in
+            loss units), ``"damage"`` otherwise (measured in the README's paper-protocol
+            section). With ``global_pruning=False`` both give the same order within a layer.
         eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
             (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
@@ -336,10 +343,10 @@ def prune(
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
     check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
-    ranking = DEFAULT_RANKING[target] if ranking is None else ranking
-    check_choice(ranking, "ranking", RANKINGS, PruneArgumentError,
-                 hint="or None: the default for the budget")
     method = get_method(method)
+    ranking = default_ranking(target, method) if ranking is None else ranking
+    check_choice(ranking, "ranking", RANKINGS, PruneArgumentError,
+                 hint="or None: the default for the budget and method")
     _check_data(data, method, iterative_steps)
     model = _uncompiled(model)
     work, ignored, tp_kwargs = _private_copy(model, _resolve_ignored(model, ignored_layers), tp_kwargs)
