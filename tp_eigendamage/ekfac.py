@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .kfac import OutputTap, fisher_passes
+from .kfac import OutputTap, all_finite, fisher_passes
 from .kfe import KFEBlock, KFEError, kfe_blocks
 
 #: per-example gradients are formed for at most this many weight entries at a time
@@ -39,9 +39,19 @@ class _CoreRecorder(OutputTap):
         self.block, self.core = block, block.core
         self.calls: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sq_sum: Optional[torch.Tensor] = None
+        self.grad_sum: Optional[torch.Tensor] = None
+        self.collect_mean_grad = True
 
     def on_grad(self, x, grad):
         self.calls.append((x.detach(), grad.detach()))
+
+    def on_data_weight_grad(self, grad):
+        if self.collect_mean_grad:
+            total = self.adapter.weight_blocks(self.core, grad.detach().double())[0]
+            self.grad_sum = total if self.grad_sum is None else self.grad_sum + total
+
+    def discard_data_weight_grad(self) -> None:
+        self.collect_mean_grad, self.grad_sum = False, None
 
     def end_batch(self) -> None:
         """``Σ_n Σ_k (Σ_calls G_n)²`` of the batch just back-propagated, in example chunks."""
@@ -59,7 +69,7 @@ class _CoreRecorder(OutputTap):
         self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
 
     def non_finite(self) -> Optional[str]:
-        ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
+        ok = self.sq_sum is None or all_finite(self.sq_sum)
         return None if ok else "per-example gradients in the KFE"
 
 
@@ -71,8 +81,11 @@ def _all_reduce(tensors: List[torch.Tensor]) -> None:
             dist.all_reduce(t)
 
 
-def fit_eigen_correction(model: nn.Module, data, **pass_options) -> Dict[str, torch.Tensor]:
-    """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``.
+def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
+                         **pass_options) -> Dict[str, torch.Tensor]:
+    """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``
+    and, with ``mean_gradient``, its ``mean_grad`` ``Ḡ* = E_n[∂ℓ_n(y_n)/∂W*]`` (data labels; kept
+    as it was if the batches have no targets).
 
     ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
     ``batch_fn``, ``forward_fn``, ``progress``) go to the Fisher passes,
@@ -88,14 +101,18 @@ def fit_eigen_correction(model: nn.Module, data, **pass_options) -> Dict[str, to
     if not blocks:
         raise KFEError("the model has no KFE blocks; call to_kfe(model, stats) first")
     recorders = [_CoreRecorder(name, blk) for name, blk in blocks]
-    num_examples = fisher_passes(model, data, recorders, desc="EK-FAC refit", **pass_options)
+    num_examples = fisher_passes(model, data, recorders, desc="EK-FAC refit",
+                                 data_gradient=mean_gradient, **pass_options)
     idle = [r.name for r in recorders if r.sq_sum is None]
     if idle:
         raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")
-    _all_reduce([r.sq_sum for r in recorders])
+    _all_reduce([t for r in recorders for t in (r.sq_sum, r.grad_sum) if t is not None])
     refits = [(r, r.sq_sum / (num_examples * r.adapter.kernel_numel(r.core))) for r in recorders]
     for r, F in refits:
         r.block.keep_surviving_buffers()
-        r.block.fisher_diag = F.to(r.block.fisher_diag.device, r.block.fisher_diag.dtype)
+        like = r.block.fisher_diag
+        r.block.fisher_diag = F.to(like.device, like.dtype)
+        if r.grad_sum is not None:
+            r.block.mean_grad = (r.grad_sum / num_examples).to(like.device, like.dtype)
         r.block.eigen_corrected = True
     return {r.name: r.block.fisher_diag for r in recorders}

@@ -26,6 +26,7 @@ model changed shape since (e.g. between the steps of ``BasePruner(iterative_step
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -92,7 +93,7 @@ def _normalize(scores: torch.Tensor, normalizer) -> torch.Tensor:
     if callable(normalizer):
         return normalizer(scores)
     reference = {"mean": scores.mean(), "sum": scores.sum(), "max": scores.max()}[normalizer]
-    return scores / reference.clamp_min(torch.finfo(scores.dtype).tiny)
+    return scores / reference.abs().clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 class _ChannelImportance(tp.importance.Importance):
@@ -100,7 +101,7 @@ class _ChannelImportance(tp.importance.Importance):
 
     what = "KFACStats"
 
-    def __init__(self, stats, *, side: str = "producer", normalizer=None):
+    def __init__(self, stats, *, side: str = "producer", normalizer=None, first_order: bool = True):
         if side not in SIDES:
             raise ValueError(f"side={side!r}; choose 'consumer' (input-side damage of the layers "
                              "reading a channel) or 'producer' (output-side damage of the layers "
@@ -108,8 +109,22 @@ class _ChannelImportance(tp.importance.Importance):
         if not (normalizer in NORMALIZERS or callable(normalizer)):
             raise ValueError(f"normalizer={normalizer!r}; choose one of {NORMALIZERS} or pass a "
                              "callable (None keeps loss units, needed for global pruning)")
-        self.side, self.normalizer = side, normalizer
+        self.side, self.normalizer, self.first_order = side, normalizer, bool(first_order)
         self._statistics = _Statistics(stats, self.what)
+        self._warned_no_gradient = False
+
+    def _first_order(self, mean_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``mean_grad`` if the first-order term is on (``None`` = second order only); warns once
+        when the statistics hold no mean gradient."""
+        if not self.first_order:
+            return None
+        if mean_grad is None and not self._warned_no_gradient:
+            self._warned_no_gradient = True
+            warnings.warn(f"{type(self).__name__}(first_order=True): the statistics hold no mean "
+                          "data-label gradient (collected with mean_gradient=False or from batches "
+                          "without targets), so damages are second order only; pass "
+                          "first_order=False to silence this", stacklevel=4)
+        return mean_grad
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def _prepare(self, model: nn.Module) -> None:
@@ -185,16 +200,18 @@ class KroneckerOBDImportance(_ChannelImportance):
     zero-arg callable returning one.
     """
 
-    def __init__(self, stats, side: str = "producer", *, normalizer=None):
-        super().__init__(stats, side=side, normalizer=normalizer)
+    def __init__(self, stats, side: str = "producer", *, normalizer=None, first_order: bool = True):
+        super().__init__(stats, side=side, normalizer=normalizer, first_order=first_order)
 
-    def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w, A, S)``: weight blocks ``(G, d_out, d_in, K)`` and per-group factors."""
+    def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(w, A, S, Ḡ)``: weight blocks ``(G, d_out, d_in, K)``, per-group factors and the mean
+        data-label gradient (``None`` if ``first_order=False``)."""
         f = stats[module]
         if f.factor_mode != "channel":
             raise ValueError(f"channel criteria need factor_mode='channel' statistics, layer "
                              f"'{f.name}' has {f.factor_mode!r}; collect_kfac(..., factor_mode='channel')")
-        return adapter_for(module).weight_blocks(module), f.input_blocks, f.grad_blocks
+        return (adapter_for(module).weight_blocks(module), f.input_blocks, f.grad_blocks,
+                self._first_order(f.mean_grad))
 
     def _in_damage(self, module, stats):
         return damage.kron_in_damage(*self._curvature(module, stats))
@@ -213,17 +230,19 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
     """
 
     def __init__(self, stats, side: str = "producer", *, damping: float = damage.OBS_DAMPING,
-                 normalizer=None):
+                 normalizer=None, first_order: bool = True):
         if not damping >= 0:
             raise ValueError(f"damping={damping!r}; pass a non-negative number (γ in A + γ·mean(diag A)·I)")
-        super().__init__(stats, side, normalizer=normalizer)
+        super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self.damping = float(damping)
 
     def _in_damage(self, module, stats):
-        return damage.obs_in_damage(*self._curvature(module, stats), self.damping)
+        w, A, S, mean_grad = self._curvature(module, stats)
+        return damage.obs_in_damage(w, A, S, self.damping, mean_grad)
 
     def _out_damage(self, module, stats):
-        return damage.obs_out_damage(*self._curvature(module, stats), self.damping)
+        w, A, S, mean_grad = self._curvature(module, stats)
+        return damage.obs_out_damage(w, A, S, self.damping, mean_grad)
 
 
 class FisherDiagImportance(_ChannelImportance):
@@ -234,14 +253,18 @@ class FisherDiagImportance(_ChannelImportance):
 
     what = "FisherDiagStats"
 
-    def __init__(self, fisher, side: str = "producer", *, normalizer=None):
-        super().__init__(fisher, side=side, normalizer=normalizer)
+    def __init__(self, fisher, side: str = "producer", *, normalizer=None, first_order: bool = True):
+        super().__init__(fisher, side=side, normalizer=normalizer, first_order=first_order)
+
+    def _operands(self, module, stats):
+        return (adapter_for(module).weight_blocks(module), stats[module],
+                self._first_order(stats.mean_grad(module)))
 
     def _in_damage(self, module, stats):
-        return damage.diag_in_damage(adapter_for(module).weight_blocks(module), stats[module])
+        return damage.diag_in_damage(*self._operands(module, stats))
 
     def _out_damage(self, module, stats):
-        return damage.diag_out_damage(adapter_for(module).weight_blocks(module), stats[module])
+        return damage.diag_out_damage(*self._operands(module, stats))
 
 
 class EigenDamageImportance(KroneckerOBDImportance):
@@ -262,8 +285,8 @@ class EigenDamageImportance(KroneckerOBDImportance):
     channels of all layers in one list.
     """
 
-    def __init__(self, stats, *, side: str = "producer", normalizer=None):
-        super().__init__(stats, side, normalizer=normalizer)
+    def __init__(self, stats, *, side: str = "producer", normalizer=None, first_order: bool = True):
+        super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
 
     def _prepare(self, model):
@@ -287,19 +310,19 @@ class EigenDamageImportance(KroneckerOBDImportance):
             return damage.kron_out_damage(*self._block_curvature(block))
         return None
 
-    @staticmethod
-    def _eigen_damages(block: KFEBlock):
+    def _eigen_damages(self, block: KFEBlock):
         core = adapter_for(block.core).weight_blocks(block.core)
         if core.shape[0] != 1:
             raise NotImplementedError("EigenDamage expects KFE cores with groups=1")
         in_idx, out_idx = block.surviving_directions()
-        fisher_diag = block.fisher_diag[out_idx][:, in_idx]
-        return damage.eigen_damages(core[0], fisher_diag)
+        mean_grad = self._first_order(block.mean_grad)
+        return damage.eigen_damages(core[0], block.fisher_diag[out_idx][:, in_idx],
+                                    None if mean_grad is None else mean_grad[out_idx][:, in_idx])
 
-    @staticmethod
-    def _block_curvature(block: KFEBlock):
-        """``(w, A, S)`` of the block as one layer, ``w = Q_S W* Q_Aᵀ`` per kernel offset, and
-        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels."""
+    def _block_curvature(self, block: KFEBlock):
+        """``(w, A, S, Ḡ)`` of the block as one layer: ``w = Q_S W* Q_Aᵀ`` per kernel offset,
+        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels and
+        ``Ḡ = basis_out Ḡ* basis_inᵀ`` over the same rows."""
         core = adapter_for(block.core).weight_blocks(block.core).double()
         R_in = block.rotation_in_matrix().double()
         R_out = block.rotation_out_matrix().double()
@@ -308,7 +331,10 @@ class EigenDamageImportance(KroneckerOBDImportance):
         Q_A, Q_S = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
         A = (Q_A * block.eigen_in.double()) @ Q_A.T
         S = (Q_S * block.eigen_out.double()) @ Q_S.T
-        return w, A[None], S[None]
+        mean_grad = self._first_order(block.mean_grad)
+        if mean_grad is not None:
+            mean_grad = torch.einsum("or,rsk,js->ojk", Q_S, mean_grad.double(), Q_A)[None]
+        return w, A[None], S[None], mean_grad
 
 
 # -- mixing criteria --------------------------------------------------------------------------

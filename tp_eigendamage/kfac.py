@@ -21,6 +21,7 @@ The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_fac
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -62,6 +63,7 @@ class KFACFactors:
     input_count: float = 0.0
     num_examples: float = 0.0
     has_bias: bool = False
+    mean_grad_sum: Optional[torch.Tensor] = field(default=None, repr=False)
     _eigen: Optional[tuple] = field(default=None, repr=False)
 
     def _ungroup(self, t: torch.Tensor) -> torch.Tensor:
@@ -91,6 +93,16 @@ class KFACFactors:
     def input_mean(self) -> torch.Tensor:
         """``E[a]``, the cross term with the bias' homogeneous coordinate."""
         return self._ungroup(self.input_mean_sum / self.input_count)
+
+    @property
+    def mean_grad(self) -> Optional[torch.Tensor]:
+        """``Ḡ = (1/N) Σ_n ∂ℓ_n(y_n)/∂W`` with the DATA labels ``y_n``, or ``None`` if not collected.
+
+        ``(G, d_out, in/G, K)`` like :meth:`~tp_eigendamage.layers.LayerAdapter.weight_blocks`
+        (float32). A weight change ``Δ`` changes the mean loss by ``Σ Ḡ ⊙ Δ`` to first order;
+        a model trained with weight decay ``λ`` sits where ``Ḡ ≈ −λ W``, not at ``Ḡ = 0``.
+        """
+        return None if self.mean_grad_sum is None else self.mean_grad_sum / self.num_examples
 
     def homogeneous_input_factor(self) -> torch.Tensor:
         """``[[A, E a], [E aᵀ, 1]]``: ``A`` for the weight and bias as one matrix ``[W | b]``."""
@@ -125,7 +137,8 @@ class KFACFactors:
 
     # -- accumulation -------------------------------------------------------------------
     def _state_tensors(self) -> List[torch.Tensor]:
-        return [self.input_sum, self.input_mean_sum, self.grad_sum]
+        sums = [self.input_sum, self.input_mean_sum, self.grad_sum]
+        return sums + ([] if self.mean_grad_sum is None else [self.mean_grad_sum])
 
 
 class KFACStats(Mapping):
@@ -252,29 +265,44 @@ class OutputTap:
     """Observer of one layer during a Fisher pass: sees its input ``a`` at forward and
     ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
-    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`end_batch` and
-    :meth:`non_finite`. The forward hook returns ``output + probe`` with ``probe`` a zero scalar
-    leaf: differentiating the loss w.r.t. the probes alone reaches every layer output without
-    computing any weight gradient. The tensor hook sees the gradient of the value the layer
-    produced, even if a later op (an inplace activation) overwrites that tensor.
+    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`on_data_weight_grad`,
+    :meth:`end_batch`, :meth:`discard_data_weight_grad` and :meth:`non_finite`. The forward
+    hook returns ``output + probe`` with ``probe`` a zero scalar leaf: differentiating the loss
+    w.r.t. the probes alone reaches every layer output without computing any weight gradient.
+    The tensor hook sees the gradient of the value the layer produced, even if a later op (an
+    inplace activation) overwrites that tensor; it reports to :meth:`on_grad` only in the
+    backward pass of the Fisher's labels (``fisher_labels``, set by :func:`fisher_passes`).
     """
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module, self.adapter = name, module, adapter_for(module)
         self.probes: List[torch.Tensor] = []
+        self.fisher_labels = True
 
     def on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
         """Called with the layer's input and output at every call."""
 
     def on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        """Called with the input of a call and ``∂(Σ_n ℓ_n)/∂output`` of that call."""
+        """Called with the input of a call and ``∂(Σ_n s_n ℓ_n)/∂output`` of that call (the
+        Fisher's labels: sampled for the true Fisher, with the sampler's scales ``s_n``)."""
+
+    def on_data_weight_grad(self, grad: torch.Tensor) -> None:
+        """Called once per batch with ``Σ_n ∂ℓ_n(y_n)/∂W``, the weight gradient with the DATA
+        labels ``y_n`` (passes with ``data_gradient=True`` only)."""
+
+    def discard_data_weight_grad(self) -> None:
+        """The data-label gradient cannot be completed (a batch had no targets): drop it."""
 
     def end_batch(self) -> None:
-        """Called after each batch's backward pass."""
+        """Called after each batch's backward pass(es)."""
 
     def non_finite(self) -> Optional[str]:
         """Name of what went non-finite in this layer's sums, if anything."""
         return None
+
+    def _on_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.fisher_labels:
+            self.on_grad(x, grad)
 
     def forward_hook(self, module, inputs, output):
         if not torch.is_grad_enabled():
@@ -284,12 +312,18 @@ class OutputTap:
         probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
         self.probes.append(probe)
         output = output + probe
-        output.register_hook(lambda grad: self.on_grad(x, grad))
+        output.register_hook(lambda grad: self._on_backward(x, grad))
         return output
 
     def take_probes(self) -> List[torch.Tensor]:
         probes, self.probes = self.probes, []
         return probes
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of a running sum is finite, in one reduction (NaN/Inf propagate into
+    the total; a total that overflows means the entries are out of range anyway)."""
+    return bool(torch.isfinite(t.sum()))
 
 
 def _raise_if_non_finite(taps: List[OutputTap], step: int) -> None:
@@ -310,6 +344,35 @@ def check_fisher_args(fisher_type: str, num_batches, sample_fn) -> None:
         raise KFACError("sample_fn= only applies to fisher_type='true'")
 
 
+NO_TARGETS_WARNING = (
+    "a batch has no targets, so the mean data-label gradient (the first-order term of the damage, "
+    "docs/fidelity.md) is not collected and damages are second order only; pass (inputs, "
+    "targets) batches to include it, or mean_gradient=False to silence this")
+
+
+def _per_example_losses(loss_fn: Callable, outputs, targets) -> torch.Tensor:
+    losses = loss_fn(outputs, targets)
+    if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
+            and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise KFACError(
+            f"loss_fn must return one loss per example, shape (N,), got {shape}; "
+            "use reduction='none' so the factors are scaled per example")
+    return losses
+
+
+def _backward(taps: List[OutputTap], loss: torch.Tensor, probes: List[torch.Tensor],
+              weights: List[torch.Tensor], *, fisher_labels: bool, retain_graph: bool = False) -> None:
+    """``∂loss/∂(every tapped output)`` (seen by the taps' :meth:`OutputTap.on_grad` if
+    ``fisher_labels``) and ``∂loss/∂weights`` (given to :meth:`OutputTap.on_data_weight_grad`)."""
+    for t in taps:
+        t.fisher_labels = fisher_labels
+    grads = torch.autograd.grad(loss, probes + weights, allow_unused=True, retain_graph=retain_graph)
+    for t, grad in zip(taps if weights else (), grads[len(probes):]):
+        if grad is not None:
+            t.on_data_weight_grad(grad)
+
+
 def fisher_passes(
     model: nn.Module,
     data: Iterable,
@@ -323,17 +386,24 @@ def fisher_passes(
     forward_fn: Callable = default_forward_fn,
     progress: bool = True,
     desc: str = "Fisher passes",
+    data_gradient: bool = False,
 ) -> float:
     """One forward and one per-example-loss backward per batch with ``taps`` hooked.
 
-    The backward pass differentiates ``Σ_n ℓ_n`` (``ℓ_n`` from ``loss_fn``, labels drawn by
-    ``sample_fn`` for the true Fisher) down to the tapped layer outputs only. Runs in eval mode
+    The backward pass differentiates ``Σ_n s_n ℓ_n`` (``ℓ_n`` from ``loss_fn``; for the true
+    Fisher with labels and scales ``s_n`` drawn by ``sample_fn``, default
+    :func:`~tp_eigendamage.fisher.importance_sample_categorical`; ``s_n = 1`` otherwise) down to
+    the tapped layer outputs only (:meth:`OutputTap.on_grad`). With ``data_gradient=True`` the
+    taps also get the weight gradient ``Σ_n ∂ℓ_n(y_n)/∂W`` with the data labels
+    (:meth:`OutputTap.on_data_weight_grad`): from the same backward pass for the empirical
+    Fisher, from a second one (a plain backward to the tapped weights) for the true Fisher.
+    Batches without targets end the data-label part with a warning. Runs in eval mode
     and leaves the model as found (:func:`preserved_model_state`, hooks removed), also on
     errors. Returns the number of examples seen.
     """
     check_fisher_args(fisher_type, num_batches, sample_fn)
     loss_fn = loss_fn or fisher.cross_entropy
-    sample_fn = sample_fn or fisher.sample_categorical
+    sample_fn = sample_fn or fisher.importance_sample_categorical
     device = _model_device(model)
     try:
         total = len(data)
@@ -361,21 +431,31 @@ def fisher_passes(
                         f"the model could not consume batch {step} ({type(exc).__name__}: {exc}); "
                         "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
                 _raise_if_non_finite(taps, step)
+                scale = None
                 if fisher_type == "true":
-                    targets = sample_fn(outputs)
+                    drawn = sample_fn(outputs)
+                    fisher_targets, scale = drawn if isinstance(drawn, fisher.WeightedTargets) else (drawn, None)
                 elif targets is None:
                     raise KFACError("fisher_type='empirical' needs targets in every batch; "
                                     "the batch has none (or use fisher_type='true')")
-                losses = loss_fn(outputs, targets)
-                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
-                        and losses.shape[0] == _batch_size(outputs, losses.shape[0])):
-                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise KFACError(
-                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
-                        "use reduction='none' so the factors are scaled per example")
+                else:
+                    fisher_targets = targets
+                if data_gradient and targets is None:
+                    warnings.warn(NO_TARGETS_WARNING, stacklevel=3)
+                    data_gradient = False
+                    for t in taps:
+                        t.discard_data_weight_grad()
+                losses = _per_example_losses(loss_fn, outputs, fisher_targets)
                 probes = [p for t in taps for p in t.take_probes()]
                 if probes and losses.requires_grad:
-                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
+                    weights = [t.module.weight for t in taps] if data_gradient else []
+                    weighted = losses if scale is None else losses * scale.to(losses.dtype)
+                    if fisher_type == "true" and weights:
+                        _backward(taps, weighted.sum(), probes, [], fisher_labels=True, retain_graph=True)
+                        _backward(taps, _per_example_losses(loss_fn, outputs, targets).sum(), [], weights,
+                                  fisher_labels=False)
+                    else:
+                        _backward(taps, weighted.sum(), probes, weights, fisher_labels=True)
                 for t in taps:
                     t.end_batch()
                 _raise_if_non_finite(taps, step)
@@ -383,6 +463,8 @@ def fisher_passes(
     finally:
         for h in handles:
             h.remove()
+        for t in taps:
+            t.fisher_labels = True
         if bar is not None:
             bar.close()
     if num_examples == 0:
@@ -392,11 +474,12 @@ def fisher_passes(
 
 # -- K-FAC factors ------------------------------------------------------------------------------
 class _LayerCollector(OutputTap):
-    """Records ``Σ a aᵀ`` at forward and ``Σ g gᵀ`` at backward for one layer."""
+    """Records ``Σ a aᵀ`` at forward, ``Σ g gᵀ`` at backward and, with ``mean_gradient``, the
+    data-label weight gradient ``Σ_n Σ_t g_t a_tᵀ`` for one layer."""
 
-    def __init__(self, name: str, module: nn.Module, factor_mode: str):
+    def __init__(self, name: str, module: nn.Module, factor_mode: str, mean_gradient: bool):
         super().__init__(name, module)
-        self.factor_mode = factor_mode
+        self.factor_mode, self.mean_gradient = factor_mode, mean_gradient
         self.factors: Optional[KFACFactors] = None
 
     def _ensure(self, device) -> KFACFactors:
@@ -408,7 +491,8 @@ class _LayerCollector(OutputTap):
                 name=self.name, kind=a.kind, factor_mode=self.factor_mode,
                 weight_shape=m.weight.shape, groups=G, input_sum=zeros(G, d_in, d_in),
                 input_mean_sum=zeros(G, d_in), grad_sum=zeros(G, d_out, d_out),
-                has_bias=getattr(m, "bias", None) is not None)
+                has_bias=getattr(m, "bias", None) is not None,
+                mean_grad_sum=zeros(a.weight_blocks(m).shape) if self.mean_gradient else None)
         return self.factors
 
     def on_forward(self, x, output):
@@ -421,15 +505,26 @@ class _LayerCollector(OutputTap):
     def on_grad(self, x, grad):
         self.factors.grad_sum += self.adapter.grad_moment(self.module, grad)
 
+    def on_data_weight_grad(self, grad):
+        if self.factors.mean_grad_sum is not None:
+            self.factors.mean_grad_sum += self.adapter.weight_blocks(self.module, grad.detach().float())
+
+    def discard_data_weight_grad(self) -> None:
+        self.mean_gradient = False
+        if self.factors is not None:
+            self.factors.mean_grad_sum = None
+
     def non_finite(self) -> Optional[str]:
         """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
         f = self.factors
         if f is None:
             return None
-        if not (torch.isfinite(f.input_sum).all() and torch.isfinite(f.input_mean_sum).all()):
+        if not (all_finite(f.input_sum) and all_finite(f.input_mean_sum)):
             return "input activations"
-        if not torch.isfinite(f.grad_sum).all():
+        if not all_finite(f.grad_sum):
             return "output gradients"
+        if f.mean_grad_sum is not None and not all_finite(f.mean_grad_sum):
+            return "data-label gradients"
         return None
 
 
@@ -486,26 +581,34 @@ def collect_kfac(
     batch_fn: Callable = default_batch_fn,
     forward_fn: Callable = default_forward_fn,
     progress: bool = True,
+    mean_gradient: bool = True,
 ) -> KFACStats:
-    """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer.
+    """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer,
+    and the mean data-label gradient ``mean_grad``.
 
     Args:
         model: any ``nn.Module``; every ``nn.Conv2d`` / ``nn.Linear`` is covered (or ``modules``).
         data: an iterable of batches (DataLoader, list of ``(inputs, targets)``, dicts, ...).
         num_batches: stop after this many batches (default: the whole iterable).
-        fisher_type: ``"true"`` draws labels with ``sample_fn`` (default: from the softmax of
-            the logits); ``"empirical"`` uses the batch targets.
+        fisher_type: ``"true"`` draws labels with ``sample_fn`` (default: importance-sampled
+            from the softmax of the logits, :func:`~tp_eigendamage.fisher.importance_sample_categorical`);
+            ``"empirical"`` uses the batch targets.
         factor_mode: ``"channel"`` (conv ``A`` is ``in×in``, pooled over kernel offsets) or
             ``"patch"`` (KFC: ``A`` over ``in·kh·kw`` patch vectors).
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-example losses (default: cross
             entropy). Must not average over the batch.
-        sample_fn: ``sample_fn(outputs) -> targets`` for the true Fisher.
+        sample_fn: ``sample_fn(outputs) -> targets`` (or ``WeightedTargets``) for the true Fisher.
         batch_fn: ``batch -> (inputs, targets)``; see :func:`default_batch_fn`.
         forward_fn: ``(model, inputs) -> outputs``; see :func:`default_forward_fn`.
         progress: show a tqdm progress bar.
+        mean_gradient: also accumulate ``Ḡ = (1/N) Σ_n ∂ℓ_n(y_n)/∂W`` with the batches' own
+            targets (:attr:`KFACFactors.mean_grad`, the damages' first-order term). Batches
+            without targets: a warning, and ``mean_grad`` is ``None``.
 
-    Cost per batch: one forward and one backward that stops at the layer outputs (no weight
-    gradient is formed; see :class:`OutputTap`), plus the factor sums.
+    Cost per batch: one forward and one backward that stops at the layer outputs (see
+    :class:`OutputTap`), plus the factor sums. With ``mean_gradient`` that backward also forms
+    the weight gradients (empirical Fisher), or a second, plain backward with the data labels
+    forms them (true Fisher).
     The model is evaluated in eval mode and left exactly as found (modes, parameters,
     buffers, ``.grad``, ``requires_grad``, hooks), also when an error is raised. Under an
     initialized ``torch.distributed`` group the sums and counts are all-reduced.
@@ -514,11 +617,11 @@ def collect_kfac(
     if factor_mode not in FACTOR_MODES:
         raise KFACError(f"factor_mode={factor_mode!r}; choose one of {FACTOR_MODES}")
     selected = select_modules(model, None if modules is None else list(modules))
-    collectors = [_LayerCollector(n, m, factor_mode) for n, m in selected]
+    collectors = [_LayerCollector(n, m, factor_mode, mean_gradient) for n, m in selected]
     num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
                                  fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
                                  batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
-                                 desc="K-FAC statistics")
+                                 desc="K-FAC statistics", data_gradient=mean_gradient)
     missing = [c.name for c in collectors if c.factors is None]
     if missing and modules is not None:
         raise KFACError(f"modules= lists layers that never ran in forward: {missing}; "

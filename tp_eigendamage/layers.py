@@ -61,8 +61,9 @@ class LayerAdapter:
         """Return ``Σ g gᵀ`` over every output location of one call, ``(G, d_out, d_out)``."""
         raise NotImplementedError
 
-    def weight_blocks(self, module: nn.Module) -> torch.Tensor:
-        """The weight as a ``(G, d_out, in/G, K)`` view."""
+    def weight_blocks(self, module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight (or ``weight``, a tensor shaped like it, e.g. its gradient) as a
+        ``(G, d_out, in/G, K)`` view."""
         raise NotImplementedError
 
 
@@ -85,8 +86,8 @@ class LinearAdapter(LayerAdapter):
         rows = g.detach().reshape(-1, g.shape[-1]).float()
         return (rows.T @ rows).unsqueeze(0)
 
-    def weight_blocks(self, module):
-        return module.weight.unsqueeze(0).unsqueeze(-1)
+    def weight_blocks(self, module, weight=None):
+        return (module.weight if weight is None else weight).unsqueeze(0).unsqueeze(-1)
 
     # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
     def per_example_grads(self, module, x, g):
@@ -190,8 +191,8 @@ class Conv2dAdapter(LayerAdapter):
         gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
         return torch.einsum("ngct,ngdt->gcd", gg, gg)
 
-    def weight_blocks(self, module):
-        w = module.weight
+    def weight_blocks(self, module, weight=None):
+        w = module.weight if weight is None else weight
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)
 
