@@ -34,6 +34,12 @@ model after ``to_kfe``; channels: on the plain model):
 * ``exact`` (``--exact``) — the measured first-order change plus the exact Gauss-Newton term,
   both by central differences (step 1e-3) on the statistics examples: the best any quadratic
   model of the loss can do.
+* ``--factor-variants``: other Kronecker models of a conv's patch factor for the eigen-direction
+  damages, computed here from ``factor_mode="patch"`` statistics (im2col ``A_patch`` with
+  ``C×C`` blocks ``B_kk'`` per pair of kernel offsets), each with the first-order term:
+  ``tap`` — ``B_kk' ≈ P_kk' A`` with ``P_kk' = tr B_kk' / tr A`` (a K×K tap factor: coverage
+  and correlation of kernel offsets), ``coverage`` — its diagonal only, ``patch`` — KFC's full
+  ``A_patch ⊗ S`` (``½ Σ_kk' (qᵀ B_kk' q)(W_k q)ᵀ S (W_k' q)`` for direction ``q``).
 
 Printed per model: pooled Spearman ρ of predicted vs measured (stat / held-out), the number of
 layers whose median measured/predicted ratio lies in [0.5, 2], then per layer the median ratio
@@ -70,6 +76,7 @@ MODELS = {
     "mobilenetv2-wd": dict(arch="mobilenetv2_050", epochs=40, lr=0.02, weight_decay=1e-4),
 }
 DIRECTION_CRITERIA = ["eigendamage", "eigendamage-2nd", "eigendamage-ekfac", "kron_obd", "fisher_diag", "taylor"]
+FACTOR_VARIANTS = ["coverage", "tap", "patch"]
 CHANNEL_CRITERIA = ["kron_obd", "kron_obd-2nd", "kron_obd-producer", "fisher_diag", "taylor"]
 STEP = 1e-3  # central-difference step of --exact
 
@@ -234,10 +241,28 @@ def channel_scores(model, batches, example, classifier) -> Dict[str, Dict[str, t
         "fisher_diag": ted.FisherDiagImportance(fisher, side="consumer"),
         "taylor": tp.importance.GroupTaylorImportance(normalizer=None, group_reduction="sum"),
     }
-    net = with_mean_gradient(copy.deepcopy(model), batches)
-    _, groups = channel_groups(net, example, dict(net.named_modules())[classifier])
-    names = {m: n for n, m in net.named_modules()}
-    return {names[g[0].dep.layer]: {c: imp(g).double() for c, imp in criteria.items()} for g in groups}
+    with_mean_gradient(model, batches)
+    _, groups = channel_groups(model, example, dict(model.named_modules())[classifier])
+    names = {m: n for n, m in model.named_modules()}
+    scores = {names[g[0].dep.layer]: {c: imp(g).double() for c, imp in criteria.items()} for g in groups}
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def factor_variant_scores(factors, patch_factors, weight, q, lam) -> Dict[str, float]:
+    """Damage of removing direction ``q`` (eigenvalue ``lam`` of ``A``) under the tap / coverage /
+    patch models of the module docstring, first-order term included."""
+    w3 = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    K = w3.shape[-1]
+    A = factors.input_factor.double()
+    blocks = patch_factors.input_factor.double().view(w3.shape[1], K, w3.shape[1], K).permute(1, 3, 0, 2)
+    taps = torch.einsum("klcc->kl", blocks) / torch.trace(A)
+    wq = torch.einsum("oik,i->ok", w3, q)
+    quad = wq.T @ factors.grad_factor.double() @ wq                   # (W_k q)ᵀ S (W_k' q)
+    first = -(torch.einsum("oik,i->ok", factors.mean_grad[0].double(), q) * wq).sum().item()
+    return {"tap": 0.5 * lam * (taps * quad).sum().item() + first,
+            "coverage": 0.5 * lam * (taps.diagonal() * quad.diagonal()).sum().item() + first,
+            "patch": 0.5 * (torch.einsum("klab,a,b->kl", blocks, q, q) * quad).sum().item() + first}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -257,6 +282,7 @@ def run_model(key: str, args) -> Dict[str, list]:
     modules = dict(model.named_modules())
     names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
              and n != classifier and not is_depthwise(m)]
+    patch = ted.collect_kfac(model, batches, factor_mode="patch", progress=False) if args.factor_variants else None
     torch.manual_seed(args.seed)
     dir_scores = direction_scores(model, batches, example, names)
     rows = {"directions": [], "channels": []}
@@ -267,7 +293,9 @@ def run_model(key: str, args) -> Dict[str, list]:
         for j in sample((lam_a > 1e-6 * lam_a.max()).nonzero().squeeze(1), args.samples, args.seed + index):
             q = q_a[:, j]
             delta = -torch.einsum("oik,i,j->ojk", w3, q, q)
-            rows["directions"].append(dict(layer=n, **meter.measure({n: delta}, args.exact),
+            variants = (factor_variant_scores(stats[modules[n]], patch[modules[n]], weight, q, lam_a[j].item())
+                        if patch is not None else {})
+            rows["directions"].append(dict(layer=n, **meter.measure({n: delta}, args.exact), **variants,
                                            **{c: s[j].item() for c, s in dir_scores[n].items()}))
     torch.manual_seed(args.seed)
     ch_scores = channel_scores(model, batches, example, classifier)
@@ -303,7 +331,7 @@ def report(key: str, rows: Dict[str, list], args) -> None:
     print(f"\n== {key}: pooled Spearman ρ (predicted vs measured loss increase) ==")
     print(f"{'criterion':<18} {'directions stat':>15} {'held-out':>9} {'layers in [0.5,2]':>17} |"
           f" {'channels stat':>13} {'held-out':>9}")
-    extra = ["exact"] if args.exact else []
+    extra = (["exact"] if args.exact else []) + (FACTOR_VARIANTS if args.factor_variants else [])
     for c in dict.fromkeys(DIRECTION_CRITERIA + CHANNEL_CRITERIA + extra):
         cells = []
         for kind in ("directions", "channels"):
@@ -339,6 +367,8 @@ def main() -> None:
     p.add_argument("--stat-examples", type=int, default=512, help="training images for the statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exact", action="store_true", help="also the exact first+Gauss-Newton prediction")
+    p.add_argument("--factor-variants", action="store_true",
+                   help="also the tap / coverage / patch Kronecker models for eigen-directions")
     p.add_argument("--quick", action="store_true", help="resnet18-wd, 3 samples, 256 examples")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -8,10 +8,16 @@ Variants, each over the same B batches:
                        Eval mode because ``collect_kfac`` runs in eval mode (MATH.md §1), so
                        both do the same forward arithmetic; ``plain-train`` (train-mode BN)
                        is printed as well for orientation.
-* ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``: A from the
-                       coverage identity (no im2col), labels sampled from the softmax.
-* ``kfac-patch``     — the same with ``factor_mode="patch"`` (im2col/unfold-based A,
-                       ``in·kh·kw``-sized factors), for comparison.
+* ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``, the default:
+                       A from the coverage identity (no im2col), importance-sampled labels,
+                       and the mean data-label gradient (a second, plain backward pass with
+                       the data labels forms the weight gradients; docs/fidelity.md).
+* ``kfac-channel-2nd`` — the same with ``mean_gradient=False`` (second-order statistics only:
+                       one backward pass that stops at the layer outputs).
+* ``kfac-empirical`` — ``fisher_type="empirical"``: one backward pass serves both the factors
+                       and the mean gradient.
+* ``kfac-patch``     — ``factor_mode="patch"`` (im2col/unfold-based A, ``in·kh·kw``-sized
+                       factors), for comparison.
 
 Time: every variant runs ``--warmup`` times, then ``--repeats`` rounds interleave the variants
 (plain, kfac-channel, kfac-patch, plain-train, plain, ...) so that drifts in machine load hit
@@ -42,7 +48,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("plain", "kfac-channel", "kfac-patch", "plain-train")
+VARIANTS = ("plain", "kfac-channel", "kfac-channel-2nd", "kfac-empirical", "kfac-patch", "plain-train")
+KFAC_OPTIONS = {
+    "kfac-channel": dict(factor_mode="channel", fisher_type="true"),
+    "kfac-channel-2nd": dict(factor_mode="channel", fisher_type="true", mean_gradient=False),
+    "kfac-empirical": dict(factor_mode="channel", fisher_type="empirical"),
+    "kfac-patch": dict(factor_mode="patch", fisher_type="true"),
+}
 
 
 def build(batches: int, batch_size: int, image_size: int, seed: int = 0):
@@ -67,8 +79,7 @@ def run_variant(name: str, model, data) -> None:
         model.zero_grad(set_to_none=True)
         model.eval()
     else:
-        ted.collect_kfac(model, data, factor_mode=name.split("-")[1], fisher_type="true",
-                         progress=False)
+        ted.collect_kfac(model, data, progress=False, **KFAC_OPTIONS[name])
 
 
 def rss_kib(field: str) -> int:
@@ -132,9 +143,9 @@ def main() -> None:
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
     mem = {name: measure_memory(args, name) for name in VARIANTS}
     secs = measure_time(args)
-    print(f"{'variant':<14}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}{'mem ratio':>11}")
+    print(f"{'variant':<18}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}{'mem ratio':>11}")
     for name in VARIANTS:
-        print(f"{name:<14}{secs[name]:>9.3f}{secs[name] / secs['plain']:>12.2f}"
+        print(f"{name:<18}{secs[name]:>9.3f}{secs[name] / secs['plain']:>12.2f}"
               f"{mem[name]:>16.1f}{mem[name] / mem['plain']:>11.2f}")
     print("targets for kfac-channel: time ratio ≤ 1.3, memory ratio ≤ 1.2 (vs plain, eval mode)")
 

@@ -133,7 +133,7 @@ def group_reference(DG, group, member_score, side):
         if kind is None:
             continue
         use = "in" if side == "consumer" else "out"
-        if kind not in (use, "both"):
+        if kind not in ((use,) if side == "consumer" else (use, "both")):   # depthwise: producer only
             continue
         for r, i in zip(item.root_idxs, item.idxs):
             ref[position[r]] += member_score(item.dep.layer, use, i)
@@ -172,11 +172,11 @@ def digits_batches(batch_size=128, n=256):
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_state(steps, seed, n):
+def _trained_state(steps, seed, n, weight_decay):
     torch.manual_seed(seed)
     model = DigitsNet()
     batches = digits_batches(n=n)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=weight_decay)
     model.train()
     for step in range(steps):
         x, y = batches[step % len(batches)]
@@ -186,12 +186,12 @@ def _trained_state(steps, seed, n):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def trained_digits_net(steps=30, seed=0, n=256):
-    """A DigitsNet after ``steps`` Adam steps on the first ``n`` digits (trained once per
-    session), a fresh copy each call, and those digits' batches; the global RNG is re-seeded
-    so what follows is reproducible."""
+def trained_digits_net(steps=30, seed=0, n=256, weight_decay=0.0):
+    """A DigitsNet after ``steps`` Adam steps (L2 ``weight_decay`` added to the gradient) on the
+    first ``n`` digits (trained once per session), a fresh copy each call, and those digits'
+    batches; the global RNG is re-seeded so what follows is reproducible."""
     model = DigitsNet()
-    model.load_state_dict(_trained_state(steps, seed, n))
+    model.load_state_dict(_trained_state(steps, seed, n, weight_decay))
     torch.manual_seed(seed)
     return model.eval(), digits_batches(n=n)
 

@@ -471,7 +471,7 @@ def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():
         imp = KroneckerOBDImportance(stats, side=side, first_order=False)
         for group in groups:
             kinds = {member_kind(DG, item.dep) for item in group}
-            has_side = bool(kinds & {"in" if side == "consumer" else "out", "both"})
+            has_side = bool(kinds & ({"in"} if side == "consumer" else {"out", "both"}))
             used = side if has_side else {"consumer": "producer", "producer": "consumer"}[side]
             ref = group_reference(DG, group, kron_score(stats), used)
             torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-12)

@@ -13,7 +13,10 @@ Public API:
 from .damage import obs_compensation, obs_damage
 from .diag_fisher import collect_fisher_diag
 from .ekfac import fit_eigen_correction
-from .fisher import cross_entropy, gaussian_nll, sample_categorical, sample_gaussian
+from .fisher import (
+    WeightedTargets, cross_entropy, gaussian_nll, importance_sample_categorical, sample_categorical,
+    sample_gaussian,
+)
 from .importance import (
     CombinedImportance,
     EigenDamageImportance,
@@ -39,4 +42,5 @@ __all__ = [
     "prune", "PruneReport", "PruneArgumentError", "PruningError", "TargetUnreachableError",
     "save", "load",
     "cross_entropy", "gaussian_nll", "sample_categorical", "sample_gaussian",
+    "importance_sample_categorical", "WeightedTargets",
 ]

@@ -17,7 +17,9 @@ output locations as independent, which there underestimated the curvature of a c
 of the Linear classifier only ~2×; consumer sums mix both kinds (channels read by the
 classifier look too expensive next to channels read by convs), producer sums are all convs.
 
-A depthwise conv is both (its input and output channel are removed together). A group with no
+A depthwise conv reads and writes the same channel: it is a producer, not a consumer (the channel
+leaves the group only through the layers that read it without writing it, e.g. the pointwise
+conv after it, so removing the channel changes the network exactly there). A group with no
 member on the chosen side (e.g. channels that reach the model output directly) uses the other.
 
 Statistics may be given as a mapping (``KFACStats`` / ``FisherDiagStats``) or as a zero-arg
@@ -142,7 +144,7 @@ class _ChannelImportance(tp.importance.Importance):
 
     def _member_damage(self, module, reads: bool, writes: bool, side: str, stats):
         """Damage over all channels of ``module`` for this member, or ``None``."""
-        if side == "consumer" and reads:
+        if side == "consumer" and reads and not writes:
             return self._in_damage(module, stats)
         if side == "producer" and writes:
             return self._out_damage(module, stats)

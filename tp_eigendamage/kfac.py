@@ -12,8 +12,10 @@ with this split of the scale (``N`` examples, ``T`` output locations / tokens pe
 * ``S`` is the per-EXAMPLE sum ``E_n[Σ_t g gᵀ]``.
 
 so ``A ⊗ S`` is the KFC "expand" approximation of ``E_n[∇ℓ_n ∇ℓ_nᵀ]`` and does not depend
-on the batch size. Grouped convolutions get one factor pair per group: ``input_factor`` is
-``(G, d_in, d_in)`` and ``grad_factor`` ``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
+on the batch size. Alongside, ``mean_grad`` is ``Ḡ = E_n[∂ℓ_n(y_n)/∂W]`` with the data
+labels, the first-order term of every damage (docs/fidelity.md). Grouped convolutions get one
+factor pair per group: ``input_factor`` is ``(G, d_in, d_in)`` and ``grad_factor``
+``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
 The bias is the homogeneous coordinate: :meth:`KFACFactors.homogeneous_input_factor` returns
 ``[[A, E a], [E aᵀ, 1]]``; ``input_factor`` is the weight block alone (as curvlinops'
 ``separate_weight_and_bias=True``).
