@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from typing import Callable, Dict, List
@@ -324,7 +325,11 @@ def spearman(a, b) -> float:
 
 
 def median_ratio(measured, predicted) -> float:
-    return float(np.median(np.asarray(measured) / np.asarray(predicted)))
+    """Median of measured/predicted over the removals that change anything (dead channels, whose
+    measured and predicted damage are both exactly 0, are left out)."""
+    measured, predicted = np.asarray(measured), np.asarray(predicted)
+    live = (measured != 0) | (predicted != 0)
+    return float(np.median(measured[live] / predicted[live])) if live.any() else float("nan")
 
 
 def report(key: str, rows: Dict[str, list], args) -> None:
@@ -348,15 +353,16 @@ def report(key: str, rows: Dict[str, list], args) -> None:
         left = f"{d[0]:>15.3f} {d[1]:>9.3f} {d[2]:>17}" if d else f"{'':>15} {'':>9} {'':>17}"
         right = f"{ch[0]:>13.3f} {ch[1]:>9.3f}" if ch else ""
         print(f"{c:<18} {left} | {right}")
-    for kind, main, paper in (("directions", "eigendamage", "eigendamage-2nd"), ("channels", "kron_obd", "kron_obd-2nd")):
-        print(f"-- {kind}, per layer: median measured/predicted (stat) and Spearman ρ, "
-              f"{main} vs {paper}")
+    for kind, shown in (("directions", ["eigendamage", "eigendamage-2nd"]),
+                        ("channels", ["kron_obd", "kron_obd-2nd", "fisher_diag"])):
+        shown = shown + (["exact"] if args.exact else [])
+        print(f"-- {kind}, per layer: median measured/predicted (stat) and Spearman ρ of " + ", ".join(shown))
         r = rows[kind]
         for n in dict.fromkeys(x["layer"] for x in r):
             sub = [x for x in r if x["layer"] == n]
             meas = [x["stat"] for x in sub]
             cells = "  ".join(f"{median_ratio(meas, [x[c] for x in sub]):>9.3g} {spearman([x[c] for x in sub], meas):>6.2f}"
-                              for c in (main, paper))
+                              for c in shown)
             print(f"   {n:<28} n={len(sub):<3} {cells}")
 
 
@@ -371,17 +377,22 @@ def main() -> None:
                    help="also the tap / coverage / patch Kronecker models for eigen-directions")
     p.add_argument("--quick", action="store_true", help="resnet18-wd, 3 samples, 256 examples")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save", metavar="FILE", help="also write every measured removal as JSON")
     args = p.parse_args()
     if args.quick:
         args.models, args.samples, args.stat_examples = ["resnet18-wd"], 3, 256
     torch.set_num_threads(args.threads)
     print(f"damage fidelity: {args.samples} removals per layer, {args.stat_examples} statistics "
           f"examples, seed {args.seed}, torch {torch.__version__}")
+    results = {}
     for key in args.models:
         start = time.time()
-        rows = run_model(key, args)
-        report(key, rows, args)
+        results[key] = run_model(key, args)
+        report(key, results[key], args)
         print(f"   ({time.time() - start:.0f} s)")
+    if args.save:
+        with open(args.save, "w") as fh:
+            json.dump(results, fh)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,13 @@ def test_ekfac_refit_of_mean_grad_is_the_core_gradient_after_pruning():
     for _, blk in kfe_blocks(model):
         core = reference[blk.core]
         torch.testing.assert_close(blk.mean_grad.double(), core.reshape(*core.shape[:2], -1), rtol=1e-4, atol=1e-7)
+    # after the refit, a direction's damage is its first-order term + ½ its exact removal Fisher
+    # (tests/test_ekfac.py checks removal_fisher_in against per-example autograd gradients)
+    W_star = block.core.weight.detach().double().flatten(2)
+    expected = 0.5 * block.removal_fisher_in.double() - (W_star * block.mean_grad.double()).sum((0, 2))
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][0][:1])
+    group = DG.get_pruning_group(block.core, tp.prune_conv_in_channels, idxs=list(range(block.core.in_channels)))
+    torch.testing.assert_close(ted.EigenDamageImportance({})(group).double(), expected, rtol=1e-4, atol=1e-9)
 
 
 def test_mean_grad_follows_rerotation_and_survives_pruning():

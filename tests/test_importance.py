@@ -70,20 +70,26 @@ def test_kron_obd_matches_explicit_formula(tiny, side):
 
 
 def test_kron_obd_linear_on_tokens_equals_kron_product(tiny):
-    """Removing input column j of the token Linear: ½ vec(δW)ᵀ (A ⊗ S) vec(δW) (column-major vec)."""
-    model, _, stats, DG, groups = tiny
+    """Removing input column j of the token Linear, ``Δ = −W_{:,j}``: the damage is
+    ``Ḡ · Δ + ½ vec(Δ)ᵀ (A ⊗ S) vec(Δ)`` (column-major vec; ``Ḡ`` by autograd)."""
+    model, batches, stats, DG, groups = tiny
     group = group_with(DG, groups, model.pw, "out")                    # consumers: tok only
     f = stats[model.tok]
     fisher = torch.kron(f.input_factor.double(), f.grad_factor.double())
+    grad = mean_data_grads(model, batches)[model.tok]
     W = model.tok.weight.detach().double()
-    ref = []
+    quad, first = [], []
     for j in range(W.shape[1]):
         delta = torch.zeros_like(W)
-        delta[:, j] = W[:, j]
+        delta[:, j] = -W[:, j]
         vec = delta.T.reshape(-1)
-        ref.append(0.5 * vec @ fisher @ vec)
+        quad.append(0.5 * vec @ fisher @ vec)
+        first.append((grad * delta).sum())
+    quad, first = torch.stack(quad), torch.stack(first)
     got = KroneckerOBDImportance(stats, side="consumer", first_order=False)(group)
-    torch.testing.assert_close(got.double(), torch.stack(ref), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(got.double(), quad, rtol=1e-4, atol=1e-12)
+    got = KroneckerOBDImportance(stats, side="consumer")(group)
+    torch.testing.assert_close(got.double(), quad + first, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("side", ["consumer", "producer"])

@@ -80,20 +80,27 @@ def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor, mean_grad: Optional[t
     return (0.5 * (w.square() * fisher).sum(dim=(2, 3))).reshape(-1) + first_order_out(w, mean_grad)
 
 
-def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor,
-                  mean_grad: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor, mean_grad: Optional[torch.Tensor] = None,
+                  removal_fisher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """EigenDamage of a KFE core ``W*`` ``(r_out, r_in, K)`` (docs/fidelity.md).
 
     ``damage_in(j) = Σ_i Σ_k (−Ḡ*_{ijk} W*_{ijk} + ½ W*_{ijk}² F_ij)`` and ``damage_out(i)`` the
     same sum over ``j``, with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE
     (``λ_S,i λ_A,j`` or EK-FAC) and ``Ḡ* = Q_Sᵀ Ḡ Q_A`` the mean data-label gradient in the KFE
-    (``(r_out, r_in, K)``, first-order term; omitted if ``None``).
+    (``(r_out, r_in, K)``, first-order term; omitted if ``None``). With ``removal_fisher =
+    (q_in, q_out)``, the exact quadratic forms along each removal (EK-FAC refit), the quadratic
+    terms are ``½ q_in_j`` and ``½ q_out_i`` instead.
     """
     core, fisher_diag = _f64(core, fisher_diag)
     per_weight = 0.5 * core.square().sum(dim=-1) * fisher_diag
-    if mean_grad is not None:
-        per_weight = per_weight - (core * mean_grad.double()).sum(dim=-1)
-    return per_weight.sum(dim=0), per_weight.sum(dim=1)
+    quad_in, quad_out = per_weight.sum(dim=0), per_weight.sum(dim=1)
+    if removal_fisher is not None:
+        quad_in, quad_out = (0.5 * q.double() for q in removal_fisher)
+    if mean_grad is None:
+        return quad_in, quad_out
+    first = (core * mean_grad.double()).sum(dim=-1)
+    return quad_in - first.sum(dim=0), quad_out - first.sum(dim=1)
 
 
 def damped_inverse(M: torch.Tensor, damping: float) -> torch.Tensor:

@@ -16,6 +16,16 @@ one value per (output, input) direction shared by every kernel offset, as ``fish
 is used: ``damage = ½ Σ_k (W*_{ijk})² F_ij``. The ``1/K`` matches channel-mode K-FAC, whose
 ``A`` averages over kernel offsets: with one example and one output location (where K-FAC is
 exact) ``F_ij = g*_i² · (1/K) Σ_k x*_{kj}² = λ_S,i λ_A,j``.
+
+The same per-example gradients give the Fisher's quadratic form along each single removal
+EXACTLY (no diagonal, Kronecker or spatial approximation): removing input direction j changes
+the core weight by ``−W*_{:,j,:}``, so
+
+    removal_in_j  = E_n[ (Σ_{i,k} (G_n)_{ijk} W*_{ijk})² ],
+    removal_out_i = E_n[ (Σ_{j,k} (G_n)_{ijk} W*_{ijk})² ]
+
+(stored as ``KFEBlock.removal_fisher_in`` / ``removal_fisher_out``). After a refit the
+EigenDamage of direction j is ``first-order term + ½ removal_in_j`` (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ class _CoreRecorder(OutputTap):
         self.block, self.core = block, block.core
         self.calls: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sq_sum: Optional[torch.Tensor] = None
+        self.removal_sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.grad_sum: Optional[torch.Tensor] = None
         self.collect_mean_grad = True
 
@@ -54,19 +65,29 @@ class _CoreRecorder(OutputTap):
         self.collect_mean_grad, self.grad_sum = False, None
 
     def end_batch(self) -> None:
-        """``Σ_n Σ_k (Σ_calls G_n)²`` of the batch just back-propagated, in example chunks."""
+        """``Σ_n Σ_k G_n²`` and ``Σ_n (Σ G_n ⊙ W*)²`` per input / output direction of the batch
+        just back-propagated (``G_n`` summed over calls), in example chunks."""
         calls, self.calls = self.calls, []
         if not calls:
             return
-        out_f, in_f = self.core.weight.shape[:2]
-        per_example = out_f * in_f * self.adapter.kernel_numel(self.core)
-        step = max(1, CHUNK_ELEMENTS // per_example)
-        total = torch.zeros(out_f, in_f, dtype=torch.float64, device=calls[0][0].device)
+        core = self.adapter.weight_blocks(self.core)[0].detach().double()
+        out_f, in_f, K = core.shape
+        step = max(1, CHUNK_ELEMENTS // (out_f * in_f * K))
+        device = calls[0][0].device
+        total = torch.zeros(out_f, in_f, dtype=torch.float64, device=device)
+        removal_in = torch.zeros(in_f, dtype=torch.float64, device=device)
+        removal_out = torch.zeros(out_f, dtype=torch.float64, device=device)
         for lo in range(0, calls[0][0].shape[0], step):
             G = sum(self.adapter.per_example_grads(self.core, x[lo:lo + step], g[lo:lo + step])
-                    for x, g in calls)
-            total += G[:, 0].double().pow(2).sum(dim=(0, 3))
+                    for x, g in calls)[:, 0].double()
+            total += G.pow(2).sum(dim=(0, 3))
+            along = G * core
+            removal_in += along.sum(dim=(1, 3)).pow(2).sum(0)
+            removal_out += along.sum(dim=(2, 3)).pow(2).sum(0)
         self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
+        sums = (removal_in, removal_out)
+        self.removal_sums = sums if self.removal_sums is None else tuple(
+            a + b for a, b in zip(self.removal_sums, sums))
 
     def non_finite(self) -> Optional[str]:
         ok = self.sq_sum is None or all_finite(self.sq_sum)
@@ -83,9 +104,10 @@ def _all_reduce(tensors: List[torch.Tensor]) -> None:
 
 def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
                          **pass_options) -> Dict[str, torch.Tensor]:
-    """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``
-    and, with ``mean_gradient``, its ``mean_grad`` ``Ḡ* = E_n[∂ℓ_n(y_n)/∂W*]`` (data labels; kept
-    as it was if the batches have no targets).
+    """Refit every KFE block's ``fisher_diag`` with EK-FAC, ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``,
+    its exact single-removal Fisher ``removal_fisher_in`` / ``removal_fisher_out`` (module
+    docstring) and, with ``mean_gradient``, its ``mean_grad`` ``Ḡ* = E_n[∂ℓ_n(y_n)/∂W*]`` (data
+    labels; kept as it was if the batches have no targets).
 
     ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
     ``batch_fn``, ``forward_fn``, ``progress``) go to the Fisher passes,
@@ -106,13 +128,15 @@ def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
     idle = [r.name for r in recorders if r.sq_sum is None]
     if idle:
         raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")
-    _all_reduce([t for r in recorders for t in (r.sq_sum, r.grad_sum) if t is not None])
+    _all_reduce([t for r in recorders for t in (r.sq_sum, *r.removal_sums, r.grad_sum) if t is not None])
     refits = [(r, r.sq_sum / (num_examples * r.adapter.kernel_numel(r.core))) for r in recorders]
     for r, F in refits:
         r.block.keep_surviving_buffers()
         like = r.block.fisher_diag
+        cast = lambda t: (t / num_examples).to(like.device, like.dtype)  # noqa: E731
         r.block.fisher_diag = F.to(like.device, like.dtype)
+        r.block.removal_fisher_in, r.block.removal_fisher_out = (cast(t) for t in r.removal_sums)
         if r.grad_sum is not None:
-            r.block.mean_grad = (r.grad_sum / num_examples).to(like.device, like.dtype)
+            r.block.mean_grad = cast(r.grad_sum)
         r.block.eigen_corrected = True
     return {r.name: r.block.fisher_diag for r in recorders}

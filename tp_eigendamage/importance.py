@@ -193,11 +193,12 @@ class _ChannelImportance(tp.importance.Importance):
 
 
 class KroneckerOBDImportance(_ChannelImportance):
-    """Kron-OBD channel damage (MATH.md §6) from channel-mode K-FAC factors.
+    """Kron-OBD channel damage from channel-mode K-FAC factors and the mean gradient ``Ḡ``.
 
-    * input channel j (consumer side): ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``;
-    * output channel c (producer side): ``½ S_cc · Σ_k w_{c,:,k}ᵀ A w_{c,:,k}``.
+    * input channel j (consumer side): ``Σ_k (−Ḡ_{:,j,k} · w_{:,j,k} + ½ A_jj · w_{:,j,k}ᵀ S w_{:,j,k})``;
+    * output channel c (producer side): ``Σ_k (−Ḡ_{c,:,k} · w_{c,:,k} + ½ S_cc · w_{c,:,k}ᵀ A w_{c,:,k})``.
 
+    ``first_order=False`` drops the ``Ḡ`` terms (the paper's damage; docs/fidelity.md).
     Grouped / depthwise convs use their per-group factors. ``stats``: a ``KFACStats`` or a
     zero-arg callable returning one.
     """
@@ -223,11 +224,12 @@ class KroneckerOBDImportance(_ChannelImportance):
 
 
 class KroneckerOBSImportance(KroneckerOBDImportance):
-    """Kron-OBS single-channel damage with compensation of the remaining weights (MATH.md §6).
+    """Kron-OBS single-channel damage with compensation of the remaining weights.
 
     Input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``; output channel i:
-    ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``. Inverses are damped,
-    ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
+    ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``; plus ``Σ Ḡ ⊙ Δ`` along the OBS update ``Δ``
+    (:func:`tp_eigendamage.damage.obs_in_damage`, ``first_order=False`` drops it). Inverses are
+    damped, ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
     Apply the matching update with :func:`tp_eigendamage.damage.obs_compensation`.
     """
 
@@ -248,9 +250,10 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
 
 
 class FisherDiagImportance(_ChannelImportance):
-    """C-OBD: ``½ Σ w² F_diag`` over the channel's weights (its column block on the consumer
-    side, its row on the producer side). ``fisher``: the result of
-    :func:`tp_eigendamage.diag_fisher.collect_fisher_diag` or a zero-arg callable returning one.
+    """C-OBD: ``Σ (−Ḡ w + ½ w² F_diag)`` over the channel's weights (its column block on the
+    consumer side, its row on the producer side; ``first_order=False`` drops ``−Ḡ w``).
+    ``fisher``: the result of :func:`tp_eigendamage.diag_fisher.collect_fisher_diag` or a
+    zero-arg callable returning one.
     """
 
     what = "FisherDiagStats"
@@ -270,13 +273,15 @@ class FisherDiagImportance(_ChannelImportance):
 
 
 class EigenDamageImportance(KroneckerOBDImportance):
-    """EigenDamage (MATH.md §3) for KFE blocks, Kron-OBD (§6) for every other channel.
+    """EigenDamage for KFE blocks, Kron-OBD for every other channel.
 
     Members belonging to a :class:`~tp_eigendamage.kfe.KFEBlock`:
 
-    * core input / output channels (eigen-directions): ``damage_in`` / ``damage_out`` from the
-      core weight ``W*`` and ``block.fisher_diag`` restricted to the surviving directions,
-      whatever the side; no statistics needed;
+    * core input / output channels (eigen-directions): ``damage_in`` / ``damage_out``
+      (:func:`tp_eigendamage.damage.eigen_damages`) from the core weight ``W*``,
+      ``block.fisher_diag`` (or, after an EK-FAC refit, the exact single-removal Fisher
+      ``block.removal_fisher_in/out``) and ``block.mean_grad``, restricted to the surviving
+      directions, whatever the side; no statistics needed;
     * ``rotate_in`` output and ``rotate_out`` input channels (the same directions): nothing;
     * the block's outer channels (``rotate_in`` inputs / ``rotate_out`` outputs): Kron-OBD of
       the block as one layer, weight ``Q_S W* Q_Aᵀ`` (current rotation weights) and factors
@@ -318,8 +323,10 @@ class EigenDamageImportance(KroneckerOBDImportance):
             raise NotImplementedError("EigenDamage expects KFE cores with groups=1")
         in_idx, out_idx = block.surviving_directions()
         mean_grad = self._first_order(block.mean_grad)
+        removal = (None if block.removal_fisher_in is None else
+                   (block.removal_fisher_in[in_idx], block.removal_fisher_out[out_idx]))
         return damage.eigen_damages(core[0], block.fisher_diag[out_idx][:, in_idx],
-                                    None if mean_grad is None else mean_grad[out_idx][:, in_idx])
+                                    None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
 
     def _block_curvature(self, block: KFEBlock):
         """``(w, A, S, Ḡ)`` of the block as one layer: ``w = Q_S W* Q_Aᵀ`` per kernel offset,

@@ -217,6 +217,9 @@ class KFEBlock(nn.Module):
     * ``mean_grad`` ``(r_out, r_in, K)`` or ``None``: the mean data-label gradient in the KFE,
       ``Ḡ* = Q_Sᵀ Ḡ_k Q_A`` (the gradient of the loss w.r.t. the core weight ``W*``), for the
       damages' first-order term; refit with ``fisher_diag``.
+    * ``removal_fisher_in`` ``(r_in,)`` / ``removal_fisher_out`` ``(r_out,)`` or ``None``: the
+      Fisher's exact quadratic form along the removal of each direction, set by
+      :func:`~tp_eigendamage.ekfac.fit_eigen_correction` (``None`` after a re-rotation).
 
     Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions),
     rows of ``core`` / columns of ``rotate_out`` (output directions) and columns of
@@ -240,6 +243,8 @@ class KFEBlock(nn.Module):
         self.register_buffer("basis_out", basis_out)
         self.register_buffer("fisher_diag", fisher_diag)
         self.register_buffer("mean_grad", mean_grad)
+        self.register_buffer("removal_fisher_in", None)
+        self.register_buffer("removal_fisher_out", None)
         self.eigen_corrected = False
 
     @classmethod
@@ -337,6 +342,9 @@ class KFEBlock(nn.Module):
         self.fisher_diag = self.fisher_diag[s.directions_out][:, s.directions_in]
         if self.mean_grad is not None:
             self.mean_grad = self.mean_grad[s.directions_out][:, s.directions_in]
+        if self.removal_fisher_in is not None:
+            self.removal_fisher_in = self.removal_fisher_in[s.directions_in]
+            self.removal_fisher_out = self.removal_fisher_out[s.directions_out]
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
@@ -358,6 +366,7 @@ class KFEBlock(nn.Module):
         (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out, self.fisher_diag,
          self.mean_grad) = _buffers(factors.eigen(), weights[0], weights[2], self.core.weight,
                                     _mean_grad_3d(factors))
+        self.removal_fisher_in = self.removal_fisher_out = None
         self.eigen_corrected = False
 
     def num_parameters(self) -> int:
