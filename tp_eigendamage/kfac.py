@@ -243,23 +243,27 @@ def _model_device(model: nn.Module) -> torch.device:
 # -- leaving the model as it was -------------------------------------------------------------
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module):
-    """Eval mode and trainable parameters inside; every mode flag and ``requires_grad`` back after.
+    """Eval mode, trainable parameters and no ``.grad`` inside; every mode flag,
+    ``requires_grad`` and ``.grad`` back after.
 
-    Parameters' ``.grad`` are never touched (gradients are taken with ``torch.autograd.grad``)
-    and BatchNorm statistics do not move in eval mode.
+    BatchNorm statistics do not move in eval mode. Inside, the passes take the data-label
+    weight gradients one layer at a time from ``.grad`` (see :func:`_backward`); the
+    parameters' own ``.grad`` are set aside meanwhile and put back untouched.
     """
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
         model.eval()
-        for p, _ in flags:
+        for p, _, _ in flags:
             p.requires_grad_(True)
+            p.grad = None
         yield
     finally:
         for m, mode in modes:
             m.training = mode
-        for p, flag in flags:
+        for p, flag, grad in flags:
             p.requires_grad_(flag)
+            p.grad = grad
 
 
 # -- Fisher passes -----------------------------------------------------------------------------
@@ -321,6 +325,11 @@ class OutputTap:
         probes, self.probes = self.probes, []
         return probes
 
+    def take_weight_grad(self, weight: torch.Tensor) -> None:
+        """Post-accumulate hook on the layer's weight: hand its gradient over and free it."""
+        self.on_data_weight_grad(weight.grad)
+        weight.grad = None
+
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of a running sum is finite, in one reduction (NaN/Inf propagate into
@@ -366,13 +375,22 @@ def _per_example_losses(loss_fn: Callable, outputs, targets) -> torch.Tensor:
 def _backward(taps: List[OutputTap], loss: torch.Tensor, probes: List[torch.Tensor],
               weights: List[torch.Tensor], *, fisher_labels: bool, retain_graph: bool = False) -> None:
     """``∂loss/∂(every tapped output)`` (seen by the taps' :meth:`OutputTap.on_grad` if
-    ``fisher_labels``) and ``∂loss/∂weights`` (given to :meth:`OutputTap.on_data_weight_grad`)."""
+    ``fisher_labels``) and ``∂loss/∂weights`` (one per tap, given to
+    :meth:`OutputTap.on_data_weight_grad` as soon as autograd has formed it, then dropped, so
+    at most one layer's weight gradient is held at a time)."""
     for t in taps:
         t.fisher_labels = fisher_labels
-    grads = torch.autograd.grad(loss, probes + weights, allow_unused=True, retain_graph=retain_graph)
-    for t, grad in zip(taps if weights else (), grads[len(probes):]):
-        if grad is not None:
-            t.on_data_weight_grad(grad)
+    if not weights:
+        torch.autograd.grad(loss, probes, allow_unused=True, retain_graph=retain_graph)
+        return
+    handles = [w.register_post_accumulate_grad_hook(t.take_weight_grad) for t, w in zip(taps, weights)]
+    try:
+        torch.autograd.backward(loss, inputs=probes + weights, retain_graph=retain_graph)
+    finally:
+        for h in handles:
+            h.remove()
+        for t in probes + weights:
+            t.grad = None
 
 
 def fisher_passes(
