@@ -1,17 +1,17 @@
-"""Cost of a K-FAC statistics pass relative to a plain forward+backward, on the CPU.
+"""Cost of a K-FAC statistics pass relative to a plain forward+backward.
 
-Workload: timm ``resnet18`` (random init, 10 classes) on B batches of 64 random 32×32 images.
-Variants, each over the same B batches:
+Workload: timm models (random init, 10 classes; default ``resnet18``) on B batches of random
+images (default 4 batches of 64 at 32×32). Variants, each over the same B batches:
 
 * ``plain``          — the reference: ``model.eval()``, forward, batch-mean cross entropy,
                        ``loss.backward()`` (parameter gradients accumulated into ``.grad``).
-                       Eval mode because ``collect_kfac`` runs in eval mode (MATH.md §1), so
+                       Eval mode because ``collect_kfac`` runs in eval mode (docs/method.md §1), so
                        both do the same forward arithmetic; ``plain-train`` (train-mode BN)
                        is printed as well for orientation.
 * ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``, the default:
                        A from the coverage identity (no im2col), importance-sampled labels,
                        and the mean data-label gradient (a second, plain backward pass with
-                       the data labels forms the weight gradients; docs/fidelity.md).
+                       the data labels forms the weight gradients; docs/method.md §4).
 * ``kfac-channel-2nd`` — the same with ``mean_gradient=False`` (second-order statistics only:
                        one backward pass that stops at the layer outputs).
 * ``kfac-empirical`` — ``fisher_type="empirical"``: one backward pass serves both the factors
@@ -25,28 +25,33 @@ all alike; the median per variant is reported and divided by ``plain``'s median.
 
 Peak memory: each variant runs in a FRESH subprocess (so earlier variants cannot inflate its
 high-water mark). The subprocess builds the model and data, runs the variant once on a
-2-example batch (library initialisation, lazy buffers), reads its current resident set size
-(VmRSS) as the baseline, runs the variant on the B batches, and reads the resident high-water
-mark (VmHWM, i.e. ``ru_maxrss``). Reported: peak − baseline = extra memory the pass needs on
-top of model and data. ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc serve every tensor buffer
-from ``mmap`` and return it on free, so resident memory follows live tensors (without it,
-freed heap memory may stay resident and blur the comparison). tracemalloc would not see
-torch's allocations, hence RSS.
+2-example batch (library initialisation, lazy buffers), then measures the extra peak memory of
+the variant on the B batches on top of model and data (``_common.PeakMemory``: resident
+high-water mark minus resident set at the start on the CPU, under
+``MALLOC_MMAP_THRESHOLD_=65536`` so that resident memory follows live tensors;
+``torch.cuda.max_memory_allocated`` on CUDA).
 
-Run:  python benchmarks/kfac_overhead.py [--batches 4] [--repeats 7] [--threads 1]
+Run:
+    python benchmarks/kfac_overhead.py [--batches 4] [--repeats 7] [--threads 1]
+    # at the resolution users run (target: collect_kfac ≤ 1.3× time and memory):
+    python benchmarks/kfac_overhead.py --models resnet50 convnext_tiny vit_small_patch16_224 \\
+        --size 224 --batch 32 --batches 1 --warmup 1 --repeats 3 --variants plain kfac-channel
+
+Prints one row per model and variant: median seconds, time ratio to ``plain``, extra peak MiB,
+memory ratio to ``plain``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+import tp_eigendamage as ted
+from _common import PeakMemory, create_model, random_batches, run_child, synchronize
 
 VARIANTS = ("plain", "kfac-channel", "kfac-channel-2nd", "kfac-empirical", "kfac-patch", "plain-train")
 KFAC_OPTIONS = {
@@ -57,20 +62,12 @@ KFAC_OPTIONS = {
 }
 
 
-def build(batches: int, batch_size: int, image_size: int, seed: int = 0):
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    g = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch_size, 3, image_size, image_size, generator=g),
-             torch.randint(0, 10, (batch_size,), generator=g)) for _ in range(batches)]
-    return model, data
+def build(name: str, args):
+    model = create_model(name, args.size, args.device)
+    return model, random_batches(args.batches, args.batch, args.size, args.device)
 
 
 def run_variant(name: str, model, data) -> None:
-    import tp_eigendamage as ted
-
     if name.startswith("plain"):
         model.train(name == "plain-train")
         for x, y in data:
@@ -82,72 +79,71 @@ def run_variant(name: str, model, data) -> None:
         ted.collect_kfac(model, data, progress=False, **KFAC_OPTIONS[name])
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(args) -> None:
-    """In a fresh process: extra peak resident memory of one variant, in MiB (printed as JSON)."""
+    """In a fresh process: extra peak memory of one variant, in MiB (printed as JSON)."""
     torch.set_num_threads(args.threads)
-    model, data = build(args.batches, args.batch_size, args.image_size)
+    model, data = build(args.models[0], args)
     run_variant(args.memory_child, model, [(x[:2], y[:2]) for x, y in data[:1]])
-    base = rss_kib("VmRSS")
-    run_variant(args.memory_child, model, data)
-    peak = rss_kib("VmHWM")
-    print(json.dumps({"variant": args.memory_child, "extra_peak_mib": (peak - base) / 1024}))
+    with PeakMemory(args.device) as peak:
+        run_variant(args.memory_child, model, data)
+    print(json.dumps({"variant": args.memory_child, "extra_peak_mib": peak.mib}))
 
 
-def measure_memory(args, name: str) -> float:
-    cmd = [sys.executable, __file__, "--memory-child", name, "--batches", str(args.batches),
-           "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-           "--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["extra_peak_mib"]
+def measure_memory(args, model: str, variant: str) -> float:
+    argv = ["--memory-child", variant, "--models", model, "--batches", str(args.batches),
+            "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads),
+            "--device", args.device]
+    return run_child(__file__, argv)["extra_peak_mib"]
 
 
-def measure_time(args) -> dict:
-    torch.set_num_threads(args.threads)
-    model, data = build(args.batches, args.batch_size, args.image_size)
+def measure_time(args, name: str) -> dict:
+    model, data = build(name, args)
     for _ in range(args.warmup):
-        for name in VARIANTS:
-            run_variant(name, model, data)
-    times = {name: [] for name in VARIANTS}
+        for variant in args.variants:
+            run_variant(variant, model, data)
+    times = {variant: [] for variant in args.variants}
     for _ in range(args.repeats):
-        for name in VARIANTS:
+        for variant in args.variants:
+            synchronize(args.device)
             start = time.perf_counter()
-            run_variant(name, model, data)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            run_variant(variant, model, data)
+            synchronize(args.device)
+            times[variant].append(time.perf_counter() - start)
+    return {variant: statistics.median(t) for variant, t in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet18"], help="timm model names")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="what to measure (plain is always included: it is the reference)")
     p.add_argument("--batches", type=int, default=4, help="B, batches per pass")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", "--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--size", "--image-size", type=int, default=32, help="image side in pixels")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch intra-op threads")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args)
+    args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
 
-    print(f"resnet18, {args.batches} batches × {args.batch_size} × 3×{args.image_size}², "
+    print(f"{args.batches} batches × {args.batch} × 3×{args.size}², {args.device}, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
-    mem = {name: measure_memory(args, name) for name in VARIANTS}
-    secs = measure_time(args)
-    print(f"{'variant':<18}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}{'mem ratio':>11}")
-    for name in VARIANTS:
-        print(f"{name:<18}{secs[name]:>9.3f}{secs[name] / secs['plain']:>12.2f}"
-              f"{mem[name]:>16.1f}{mem[name] / mem['plain']:>11.2f}")
-    print("targets for kfac-channel: time ratio ≤ 1.3, memory ratio ≤ 1.2 (vs plain, eval mode)")
+    print(f"{'model':<24}{'variant':<18}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}"
+          f"{'mem ratio':>11}", flush=True)
+    for name in args.models:
+        mem = {variant: measure_memory(args, name, variant) for variant in args.variants}
+        secs = measure_time(args, name)
+        for variant in args.variants:
+            print(f"{name:<24}{variant:<18}{secs[variant]:>9.3f}{secs[variant] / secs['plain']:>12.2f}"
+                  f"{mem[variant]:>16.1f}{mem[variant] / mem['plain']:>11.2f}", flush=True)
+    print("targets for kfac-channel vs plain: time ratio ≤ 1.3; memory ratio ≤ 1.2 "
+          "(≤ 1.3 at 224 px, batch 32)")
 
 
 if __name__ == "__main__":

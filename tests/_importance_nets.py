@@ -1,10 +1,8 @@
 """Small networks, data and independent reference formulas for the importance tests.
 
 Nothing here calls tp_eigendamage's damage code: the references are explicit loops over
-channels and kernel offsets written from MATH.md §3/§6.
+channels and kernel offsets written from docs/method.md §4/§8.
 """
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,66 +136,3 @@ def group_reference(DG, group, member_score, side):
         for r, i in zip(item.root_idxs, item.idxs):
             ref[position[r]] += member_score(item.dep.layer, use, i)
     return ref
-
-
-# -- a briefly trained CNN on scikit-learn digits ----------------------------------------------
-class DigitsNet(nn.Module):
-    def __init__(self, width=16):
-        super().__init__()
-        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(width)
-        self.c1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.c2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.c3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
-        x = F.relu(self.bn3(self.c3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def digits_batches(batch_size=128, n=256):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images[:n], dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(digits.target[:n])
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
-
-
-@functools.lru_cache(maxsize=None)
-def _trained_state(steps, seed, n, weight_decay):
-    torch.manual_seed(seed)
-    model = DigitsNet()
-    batches = digits_batches(n=n)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=weight_decay)
-    model.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def trained_digits_net(steps=30, seed=0, n=256, weight_decay=0.0):
-    """A DigitsNet after ``steps`` Adam steps (L2 ``weight_decay`` added to the gradient) on the
-    first ``n`` digits (trained once per session), a fresh copy each call, and those digits'
-    batches; the global RNG is re-seeded so what follows is reproducible."""
-    model = DigitsNet()
-    model.load_state_dict(_trained_state(steps, seed, n, weight_decay))
-    torch.manual_seed(seed)
-    return model.eval(), digits_batches(n=n)
-
-
-@torch.no_grad()
-def mean_loss(model, batches):
-    model.eval()
-    total = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches)
-    return total / sum(len(y) for _, y in batches)

@@ -25,6 +25,8 @@ def test_default_job_writes_table_report_and_plots(tmp_path, capsys):
     for stage in ("trained", "pruned", "fine-tuned"):
         assert stage in printed
     assert "test acc" in printed and "params" in printed
+    assert "measured change" in printed and "predicted by the damages" in printed   # kron_obd: loss units
+    assert "keep 60% of the parameters" in printed and "eigen-directions between" in printed
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"trained", "pruned", "fine-tuned"}
@@ -46,30 +48,42 @@ def test_default_job_writes_table_report_and_plots(tmp_path, capsys):
                         "--target-params", "0.8", "--finetune-epochs", "0", "--out", str(again)])
     assert code == 0
     resumed = json.loads((again / "report.json").read_text())["stages"]
-    assert resumed["trained"]["params"] == after["params"], "--checkpoint must start from the saved model"
-    assert resumed["trained"]["accuracy"] == report["stages"]["fine-tuned"]["accuracy"]
+    assert set(resumed) == {"loaded", "pruned", "fine-tuned"}
+    assert resumed["loaded"]["params"] == after["params"], "--checkpoint must start from the saved model"
+    assert resumed["loaded"]["accuracy"] == report["stages"]["fine-tuned"]["accuracy"]
 
 
-def _compare(tmp_path, name):
+def _compare(tmp_path, name, seeds):
     out = tmp_path / name
     code = main(["compare"] + TINY + ["--methods", "kron_obd,magnitude", "--targets", "0.7,0.5",
-                                      "--finetune-epochs", "0,1", "--out", str(out)])
+                                      "--finetune-epochs", "0,1", "--seeds", seeds, "--out", str(out)])
     assert code == 0
     return json.loads((out / "compare.json").read_text()), out
 
 
-def test_compare_covers_every_method_and_target_reproducibly(tmp_path, capsys):
-    first, out = _compare(tmp_path, "a")
+def test_compare_covers_every_method_target_and_seed_reproducibly(tmp_path, capsys):
+    import statistics
+
+    first, out = _compare(tmp_path, "a", "0,1")
     printed = capsys.readouterr().out
-    cells = {(r["method"], r["target_params"], r["finetune_epochs"]) for r in first["results"]}
-    assert cells == {(m, t, f) for m in ("kron_obd", "magnitude") for t in (0.7, 0.5) for f in (0, 1)}
+    cells = {(r["seed"], r["method"], r["target_params"], r["finetune_epochs"]) for r in first["results"]}
+    assert cells == {(s, m, t, f) for s in (0, 1) for m in ("kron_obd", "magnitude") for t in (0.7, 0.5)
+                     for f in (0, 1)}
     for r in first["results"]:
         assert r["params_fraction"] == pytest.approx(r["target_params"], rel=0.02)
         assert r["method"] in printed
-    assert _png_ok(out / "compare.png")
+    for cell in first["summary"]:                      # mean ± std over the two seeds
+        accuracies = [r["accuracy"] for r in first["results"] if all(
+            r[k] == cell[k] for k in ("method", "target_params", "finetune_epochs"))]
+        assert cell["accuracy"]["mean"] == pytest.approx(statistics.fmean(accuracies))
+        assert cell["accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
+    assert "±" in printed and _png_ok(out / "compare.png") and "latency kept" in printed
+    for cell in first["summary"]:                      # the plot's second panel: measured latency
+        assert 0 < cell["latency_fraction"]["mean"] < 2
 
-    second, _ = _compare(tmp_path, "b")
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    second, _ = _compare(tmp_path, "b", "1")            # seed 1 alone gives the same numbers
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "latency_fraction")}  # noqa: E731
+                        for r in rs if r["seed"] == 1]   # timings differ between runs
     assert strip(first["results"]) == strip(second["results"])
 
 
@@ -78,13 +92,32 @@ def test_compare_covers_every_method_and_target_reproducibly(tmp_path, capsys):
     (["--method", "l7_norm"], "unknown method"),
     (["--target-params", "1.5"], "between 0 and 1"),
     (["--target-flops", "0"], "between 0 and 1"),
+    (["--target-latency", "2"], "between 0 and 1"),
+    (["--target-latency", "0.5", "--target-flops", "0.5"], "not allowed with argument"),
     (["--data", "/nonexistent/folder"], "neither 'digits' nor an existing folder"),
+    (["--method", "eigendamge"], "did you mean 'eigendamage'"),
+    (["--model", "resnet81"], "did you mean 'resnet18'"),
+    (["--target-parms", "0.5"], "did you mean '--target-params'"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code = main(TINY + args + ["--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_latency_target_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "latency"
+    code = main(["--model", "resnet18", "--image-size", "48", "--epochs", "0", "--stat-batches", "1",
+                 "--batch-size", "16", "--no-progress", "--method", "kron_obd", "--target-latency", "0.6",
+                 "--finetune-epochs", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "keep 60% of the measured latency" in printed
+    pruning = json.loads((out / "report.json").read_text())["pruning"]
+    assert pruning["target"] == {"target_latency": 0.6}
+    assert abs(pruning["rounds"][0]["searched_fraction"] / 0.6 - 1) <= 0.05   # the search's tolerance
+    assert pruning["latency"]["before_s"] > 0 and pruning["latency"]["fraction"] is not None
 
 
 def test_data_folder_that_is_not_an_image_folder(tmp_path, capsys):
@@ -109,6 +142,12 @@ def test_compare_bad_method_list(tmp_path, capsys):
     assert code != 0 and "unknown method 'bogus'" in err
 
 
+def test_command_typo_suggests_the_command(capsys):
+    code = main(["compar", "--methods", "kron_obd"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "did you mean 'compare'" in err
+
+
 def test_module_entry_point_help():
     import subprocess
     import sys
@@ -117,6 +156,7 @@ def test_module_entry_point_help():
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0
     for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
-                 "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
+                 "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
                  "--stat-batches", "--fisher-type", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
+    assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout

@@ -6,7 +6,7 @@ from scipy.stats import rankdata
 
 from _importance_nets import groups_of, tiny_setup
 from tp_eigendamage import collect_kfac
-from tp_eigendamage.importance import CombinedImportance, KroneckerOBDImportance
+from tp_eigendamage import CombinedImportance, KroneckerOBDImportance
 
 
 EXAMPLE = torch.randn(1, 3, 6, 6)

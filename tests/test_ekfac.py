@@ -1,4 +1,4 @@
-"""EK-FAC refit of the Fisher diagonal in the KFE (MATH.md §3, end)."""
+"""EK-FAC refit of the Fisher diagonal in the KFE (docs/method.md §5)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,8 +6,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from tp_eigendamage import collect_kfac
-from tp_eigendamage.ekfac import fit_eigen_correction
-from tp_eigendamage.kfe import KFEError, kfe_blocks, to_kfe
+from tp_eigendamage import KFEError, fit_eigen_correction, kfe_blocks, to_kfe
 
 
 def kfe_model(model, data):

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tp_eigendamage as ted
-from _importance_nets import groups_of, mean_data_grads, mean_loss, trained_digits_net
+from _importance_nets import groups_of, mean_data_grads
+from tp_eigendamage.testing import mean_loss, trained_digits_net
 from test_kfac_factors import CONVS
 from tp_eigendamage.kfe import kfe_blocks
 

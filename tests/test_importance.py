@@ -10,15 +10,15 @@ import torch_pruning as tp
 from scipy.stats import spearmanr
 
 from _importance_nets import (
-    first_order_ref, group_reference, groups_of, kron_obd_quad, mean_data_grads, mean_loss,
-    member_kind, ref_in_channel, ref_out_channel, tiny_setup, trained_digits_net, weight_4d,
+    TinyNet, first_order_ref, group_reference, groups_of, kron_obd_quad, mean_data_grads,
+    member_kind, ref_in_channel, ref_out_channel, tiny_setup, weight_4d,
 )
-from tp_eigendamage import StaleStatisticsError, collect_kfac
-from tp_eigendamage.diag_fisher import collect_fisher_diag
-from tp_eigendamage.importance import (
+from tp_eigendamage import (
     EigenDamageImportance, FisherDiagImportance, KroneckerOBDImportance, KroneckerOBSImportance,
+    StaleStatisticsError, collect_fisher_diag, collect_kfac,
 )
-from tp_eigendamage.kfe import KFEBlock, to_kfe
+from tp_eigendamage.testing import mean_loss, trained_digits_net
+from tp_eigendamage import KFEBlock, to_kfe
 
 
 EXAMPLE = torch.randn(1, 3, 6, 6)
@@ -132,6 +132,31 @@ def test_kron_obs_matches_explicit_formula(tiny, side):
         torch.testing.assert_close(both(group).double(), ref, rtol=1e-4, atol=1e-9)
 
 
+class SharedLinear(nn.Module):
+    """One Linear applied twice per forward: its gradient is the sum over both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_fisher_diag_of_a_layer_used_twice_squares_the_summed_gradient():
+    torch.manual_seed(0)
+    model = SharedLinear()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    fisher = collect_fisher_diag(model, [(x, y)], fisher_type="empirical", progress=False)
+    ref = torch.zeros_like(model.shared.weight, dtype=torch.float64)
+    for i in range(len(y)):
+        g, = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [model.shared.weight])
+        ref += g.double() ** 2
+    torch.testing.assert_close(fisher[model.shared].reshape(ref.shape).double(), ref / len(y),
+                               rtol=1e-5, atol=1e-10)
+
+
 def test_fisher_diag_matches_per_example_gradients(tiny):
     model, batches, _, DG, groups = tiny
     fisher = collect_fisher_diag(model, batches, fisher_type="empirical", progress=False)
@@ -173,7 +198,7 @@ def test_fisher_diag_matches_per_example_gradients(tiny):
 
 # -- EigenDamage on a hand-built KFE block ------------------------------------------------------
 def hand_built_kfe(conv: nn.Conv2d, factors):
-    """The KFE block of MATH.md §2 built in the test: Q_Aᵀ (1×1), W* = Q_Sᵀ W Q_A, Q_S (+bias)."""
+    """The KFE block of docs/method.md §3 built in the test: Q_Aᵀ (1×1), W* = Q_Sᵀ W Q_A, Q_S (+bias)."""
     lam_a, Q_A, lam_s, Q_S = factors.eigen()
     W = conv.weight.detach().double()
     W_star = torch.einsum("oi,ojuv,jk->ikuv", Q_S, W, Q_A)
@@ -337,7 +362,7 @@ def test_eigendamage_predicts_measured_loss_of_removing_directions():
     block = model.c3
     base = mean_loss(model, batches)
     DG, groups = groups_of(model, torch.randn(1, 1, 8, 8), ignored=[model.fc])
-    imp = EigenDamageImportance(stats)
+    imp = EigenDamageImportance(stats, first_order=False)
     predicted, measured = [], []
     for kind, dim in (("in", 1), ("out", 0)):
         group = group_with(DG, groups, block.core, kind)
@@ -428,7 +453,7 @@ def test_base_pruner_resnet18(criterion, global_pruning):
 
 @pytest.fixture(scope="module")
 def kfe_resnet18():
-    from tp_eigendamage.kfe import to_kfe
+    from tp_eigendamage import to_kfe
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False).eval()
@@ -481,3 +506,21 @@ def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():
             used = side if has_side else {"consumer": "producer", "producer": "consumer"}[side]
             ref = group_reference(DG, group, kron_score(stats), used)
             torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-12)
+
+
+def test_statistics_of_the_original_score_a_deep_copy_by_layer_name(tiny):
+    import copy
+
+    model, batches, stats, DG, groups = tiny
+    twin = copy.deepcopy(model)
+    _, twin_groups = groups_of(twin, EXAMPLE, ignored=[twin.head])
+    for imp in (KroneckerOBDImportance(stats), KroneckerOBSImportance(stats)):
+        for group, twin_group in zip(groups, twin_groups):
+            torch.testing.assert_close(imp(twin_group), imp(group), rtol=0, atol=0)
+    narrower = TinyNet()
+    narrower.pw = nn.Conv2d(8, 11, 1)          # same name, another shape: refused
+    narrower.tok = nn.Linear(11, 6)
+    _, narrow_groups = groups_of(narrower, EXAMPLE, ignored=[narrower.head])
+    pw_group = next(g for g in narrow_groups if any(item.dep.layer is narrower.pw for item in g))
+    with pytest.raises(StaleStatisticsError, match="'pw'"):
+        KroneckerOBDImportance(stats)(pw_group)

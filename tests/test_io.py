@@ -12,7 +12,7 @@ import torch_pruning as tp
 import tp_eigendamage
 from tp_eigendamage import io
 from tp_eigendamage.integrations import timm as ti
-from tp_eigendamage.kfe import KFEBlock
+from tp_eigendamage import KFEBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

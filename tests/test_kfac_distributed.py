@@ -1,5 +1,5 @@
-"""Two gloo ranks, each with half the data: all-reduced factors equal the single-process
-factors over the union of the data, on every rank."""
+"""Two gloo ranks, each with half the data: all-reduced K-FAC factors, diagonal Fisher and
+EK-FAC refit equal the single-process ones over the union of the data, on every rank."""
 import os
 
 import torch
@@ -8,7 +8,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import tp_eigendamage as ted
-
 
 
 def make_model():
@@ -24,9 +23,16 @@ def make_data():
             for n in sizes]
 
 
-def _factors(stats, model):
-    return {name: (stats[m].input_factor, stats[m].grad_factor, stats[m].input_mean)
-            for name, m in stats.names().items()}, stats.num_examples
+def _statistics(model, data):
+    """K-FAC factors, diagonal Fisher and the EK-FAC refit of ``model`` over ``data``."""
+    stats = ted.collect_kfac(model, data, fisher_type="empirical", progress=False)
+    diag = ted.collect_fisher_diag(model, data, fisher_type="empirical", progress=False)
+    out = {name: (stats[m].input_factor, stats[m].grad_factor, stats[m].input_mean, diag[m])
+           for name, m in stats.names().items()}
+    ted.to_kfe(model, stats, include_classifier=True)
+    out["ekfac"] = tuple(ted.fit_eigen_correction(model, data, fisher_type="empirical",
+                                                  progress=False).values())
+    return out, (stats.num_examples, diag.num_examples)
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -35,20 +41,17 @@ def _worker(rank, world, init_file, out_dir):
     try:
         model = make_model()
         shard = make_data()[rank::world]
-        stats = ted.collect_kfac(model, shard, fisher_type="empirical", progress=False)
-        torch.save(_factors(stats, model), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_statistics(model, shard), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduced_factors_equal_single_process_union(tmp_path):
+def test_all_reduced_statistics_equal_single_process_union(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    model = make_model()
-    ref, ref_n = _factors(ted.collect_kfac(model, make_data(), fisher_type="empirical",
-                                           progress=False), model)
+    ref, ref_n = _statistics(make_model(), make_data())
     for rank in range(2):
         got, n = torch.load(tmp_path / f"rank{rank}.pt")
-        assert n == ref_n == 13
+        assert n == ref_n == (13, 13)
         assert got.keys() == ref.keys()
         for name in ref:
             for ours, theirs in zip(got[name], ref[name]):

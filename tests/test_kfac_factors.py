@@ -1,4 +1,4 @@
-"""K-FAC factors against brute-force references written here (MATH.md §1).
+"""K-FAC factors against brute-force references written here (docs/method.md §1, §2).
 
 References:
 * patch vectors of a conv come from a ONE-HOT conv (a Conv2d whose output channel (c, i, j)

@@ -1,4 +1,4 @@
-"""KFE reparameterization: to_kfe, re-rotation, fold_kfe, surviving directions (MATH.md §2-§5)."""
+"""KFE reparameterization: to_kfe, re-rotation, fold_kfe, surviving directions (docs/method.md §3, §6, §7)."""
 import pytest
 import timm
 import torch
@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from tp_eigendamage import StaleStatisticsError, collect_kfac
-from tp_eigendamage.kfe import KFEBlock, KFEError, StaleBasisError, fold_kfe, kfe_blocks, to_kfe
+from tp_eigendamage import KFEBlock, KFEError, StaleBasisError, fold_kfe, kfe_blocks, to_kfe
 
 
 def stats_of(model, x, **kw):
@@ -284,19 +284,20 @@ def test_two_rounds_stay_three_stages_and_rerotation_after_pruning_preserves_fun
 
 # -- fold_kfe and costs ----------------------------------------------------------------------------
 def test_fold_only_unprofitable_blocks():
+    import copy
+
     model, x = small_net()
     to_kfe(model, stats_of(model, x))
     prune_directions(model, x, model.conv2, in_idxs=list(range(6)), out_idxs=list(range(9)))
     with torch.no_grad():
         y = model(x)
-    # dense sizes from the outer shapes; block sizes counted weight by weight
-    dense = {"conv1": 8 * 3 * 9 + 8, "conv2": 12 * 8 * 9, "tok": 10 * 12 + 10}
-    block = {"conv1": 3 * 3 + 8 * 3 * 9 + 8 * 8 + 8, "conv2": 2 * 8 + 3 * 2 * 9 + 12 * 3,
-             "tok": 12 * 12 + 10 * 12 + 10 * 10 + 10}
-    folded = {n for n in dense if block[n] >= dense[n]}
-    assert folded == {"conv1", "tok"}
+    block_params = {n: sum(p.numel() for p in b.parameters()) for n, b in kfe_blocks(model)}
+    every_folded = fold_kfe(copy.deepcopy(model), only_unprofitable=False)
+    dense_params = {n: sum(p.numel() for p in every_folded.get_submodule(n).parameters()) for n in block_params}
+    pays = {n for n in block_params if block_params[n] < dense_params[n]}
+    assert pays == {"conv2"}                  # only the pruned bottleneck is smaller than dense
     fold_kfe(model)
-    assert {n for n, _ in kfe_blocks(model)} == {"conv2"}
+    assert {n for n, _ in kfe_blocks(model)} == pays
     assert type(model.conv1) is nn.Conv2d and type(model.tok) is nn.Linear
     with torch.no_grad():
         assert rel(model(x), y) <= 1e-5
@@ -326,14 +327,25 @@ def test_param_and_flop_counts_include_rotation_layers():
 
 
 # -- errors: clear message, model untouched -------------------------------------------------------
-def test_stats_of_another_model_are_rejected():
+def test_stats_resolve_by_name_on_a_copy_and_refuse_other_shapes():
+    import copy
+
     model, x = small_net()
-    other, _ = small_net()
-    stats = stats_of(other, x)
-    snap = snapshot(model)
-    with pytest.raises(StaleStatisticsError, match="another model"):
-        to_kfe(model, stats)
-    assert_unchanged(model, snap)
+    stats = stats_of(model, x)
+    twin = copy.deepcopy(model)
+    to_kfe(twin, stats)                     # statistics of the original, matched by name
+    to_kfe(model, stats)
+    for (name, blk), (twin_name, twin_blk) in zip(kfe_blocks(model), kfe_blocks(twin)):
+        assert name == twin_name
+        for a, b in zip(blk.state_dict().values(), twin_blk.state_dict().values()):
+            assert torch.equal(a, b)
+    wider = nn.Sequential()
+    wider.conv1 = nn.Conv2d(3, 9, 3, stride=2, padding=1)   # same name, another shape
+    wider.fc = nn.Linear(9, 5)
+    snap = snapshot(wider)
+    with pytest.raises(StaleStatisticsError, match="conv1"):
+        to_kfe(wider, stats, modules=["conv1"])
+    assert_unchanged(wider, snap)
 
 
 def test_stale_shapes_are_rejected_and_nothing_changes():

@@ -1,13 +1,13 @@
-"""Kron-OBS: joint damage and weight compensation (MATH.md §6)."""
+"""Kron-OBS: joint damage and weight compensation (docs/method.md §8)."""
 import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
 
-from _importance_nets import mean_loss, trained_digits_net
+from tp_eigendamage.testing import mean_loss, trained_digits_net
 from tp_eigendamage import StaleStatisticsError, collect_kfac
-from tp_eigendamage.damage import obs_compensation, obs_damage
+from tp_eigendamage import obs_compensation, obs_damage
 
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from tp_eigendamage.integrations import timm as ti
-from tp_eigendamage.kfe import KFEBlock
+from tp_eigendamage import KFEBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -187,5 +187,5 @@ def test_cnn_classifier_is_ignored():
 def test_distilled_heads_are_both_kept():
     model = vit("deit_tiny_distilled_patch16_224", depth=1)
     assert ti.classifier_layers(model) == [model.head, model.head_dist]
-    with pytest.raises(TypeError, match="ignored_layers"):
-        ti.classifier_layers(nn.Linear(2, 2))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert ti.classifier_layers(plain) == [plain[4]]   # no get_classifier(): the last layer

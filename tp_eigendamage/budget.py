@@ -1,7 +1,7 @@
 """Budgets: what a pruned model costs, and finding the pruning amount that meets a target.
 
-Costs are counted with ``torch_pruning.utils.count_ops_and_params`` on the model as it is, so
-KFE blocks are charged for their rotation layers too (MATH.md §4).
+Costs are counted with Torch-Pruning's counter on the model as it is, so KFE blocks are
+charged for their rotation layers too (docs/method.md §6).
 """
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch.nn as nn
-import torch_pruning as tp
+
+from ._tp import count_ops_and_params
+from .errors import TargetUnreachableError
+
+__all__ = ["Cost", "measure_cost", "search_ratio"]
 
 
 @dataclass(frozen=True)
 class Cost:
+    """A model's parameters and FLOPs (multiply-accumulates)."""
+
     params: int
     flops: int
 
@@ -24,12 +30,8 @@ class Cost:
 
 def measure_cost(model: nn.Module, example_inputs) -> Cost:
     """Parameters and FLOPs (multiply-accumulates as Torch-Pruning counts them)."""
-    flops, params = tp.utils.count_ops_and_params(model, example_inputs)
+    flops, params = count_ops_and_params(model, example_inputs)
     return Cost(params=int(params), flops=int(flops))
-
-
-class TargetUnreachableError(RuntimeError):
-    """No pruning amount within the per-layer caps meets the target."""
 
 
 def search_ratio(achieved: Callable[[float], float], target: float, *, start: float,

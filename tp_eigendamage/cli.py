@@ -2,39 +2,46 @@
 
 ``tp-eigendamage`` (no arguments) runs the default job on the embedded digits data;
 ``tp-eigendamage compare`` prunes one trained model with several methods and targets under
-the same statistics data and fine-tuning budget.
+the same statistics data and fine-tuning budget, over several seeds.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
+import difflib
 import os
-import platform
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.nn as nn
 
-TP_METHODS = {
-    "magnitude": lambda tp: tp.importance.GroupMagnitudeImportance(p=2),
-    "taylor": lambda tp: tp.importance.GroupTaylorImportance(),
-    "bn_scale": lambda tp: tp.importance.BNScaleImportance(),
-    "random": lambda tp: tp.importance.RandomImportance(),
-}
-OUR_METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
-ALL_METHODS = OUR_METHODS + tuple(TP_METHODS)
+from . import jobs
+from .errors import InvalidArgumentError, TPEigenDamageError
+from .methods import METHODS
+
+__all__ = ["main", "build_parser", "build_compare_parser", "CLIError", "COMMANDS"]
+
+#: Subcommands (the default job has none).
+COMMANDS = {"compare": "prune ONE trained model with several methods, targets and seeds"}
 
 
-class CLIError(Exception):
+class CLIError(InvalidArgumentError):
     """A bad command line or environment, reported in one line before any long work."""
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise CLIError(message)
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            options = [o for action in self._actions for o in action.option_strings]
+            message += "".join(_did_you_mean(word.split("=")[0], options)
+                               for word in message[len(prefix):].split() if word.startswith("-"))
+        raise CLIError(f"{message}; see {self.prog} --help")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -42,32 +49,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="'digits' (embedded scikit-learn 8x8 digits) or an image-folder path")
     p.add_argument("--image-size", type=int, default=32, help="input resolution (default 32)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs before pruning")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs before pruning (0: none)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="training learning rate")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--stat-batches", type=int, default=8, help="batches for curvature statistics")
     p.add_argument("--fisher-type", choices=("true", "empirical"), default="true")
     p.add_argument("--iterative-steps", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, initialisation, batch order and label sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--checkpoint", default=None,
                    help="start from a model saved with tp_eigendamage.save instead of training")
     p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out folder (replacing files of the same name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tp-eigendamage", description=__doc__.split("\n\n")[0])
+    commands = "\n".join(f"  {name:<9} {text} (tp-eigendamage {name} --help)"
+                         for name, text in COMMANDS.items())
+    parser = _Parser(prog="tp-eigendamage", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=f"commands:\n  (none)    this job: train, prune, fine-tune, report\n{commands}")
     _add_common(parser)
-    parser.add_argument("--method", default="eigendamage", help=f"one of {', '.join(ALL_METHODS)}")
+    parser.add_argument("--method", default="eigendamage", help=f"one of {', '.join(METHODS)}")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-params", type=float, default=None,
-                        help="share of the original parameters to keep (default 0.5)")
+                        help="share of the original parameters to KEEP (default 0.5)")
     target.add_argument("--target-flops", type=float, default=None,
-                        help="share of the original FLOPs to keep")
+                        help="share of the original FLOPs to KEEP")
+    target.add_argument("--target-latency", type=float, default=None,
+                        help="share of the original model's measured latency to KEEP (batch 1 "
+                             "on --device; each trial of the search is timed)")
     target.add_argument("--pruning-ratio", type=float, default=None,
-                        help="Torch-Pruning's channel pruning ratio")
+                        help="share of the channels to REMOVE (Torch-Pruning's pruning_ratio; "
+                             "removing 50%% of the channels keeps about 25%% of the parameters)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--out", default="tp_eigendamage_out",
                         help="output folder: pruned model, report.json, plots")
@@ -76,12 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_compare_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tp-eigendamage compare",
-                     description="Prune ONE trained model with several methods and targets.")
+                     description="Prune ONE trained model per seed with several methods and targets "
+                                 "(same statistics batches and fine-tuning budget for every method); "
+                                 "mean ± std over the seeds.")
     _add_common(parser)
     parser.add_argument("--methods", default="eigendamage,kron_obd,magnitude,random",
-                        help="comma-separated methods")
+                        help=f"comma-separated methods among {', '.join(METHODS)}")
     parser.add_argument("--targets", default="0.5,0.3,0.1",
-                        help="comma-separated shares of the original parameters to keep")
+                        help="comma-separated shares of the original parameters to KEEP")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds; each trains its own model (replaces --seed)")
     parser.add_argument("--finetune-epochs", default="0,1",
                         help="comma-separated fine-tuning budgets (0 = one-shot)")
     parser.add_argument("--out", default="tp_eigendamage_compare", help="output folder")
@@ -103,17 +125,20 @@ def _check_common(args) -> None:
     import timm
 
     if not timm.is_model(args.model):
-        raise CLIError(f"unknown timm model {args.model!r}; see timm.list_models()")
+        raise CLIError(f"unknown timm model {args.model!r}{_did_you_mean(args.model, timm.list_models())}; "
+                       "see timm.list_models()")
     for name in ("image_size", "epochs", "batch_size", "stat_batches", "iterative_steps"):
-        value = getattr(args, name)
-        if value < (0 if name == "epochs" else 1):
-            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        value, least = getattr(args, name), (0 if name == "epochs" else 1)
+        if value < least:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if args.data != "digits" and not os.path.isdir(args.data):
         raise CLIError(f"--data {args.data!r} is neither 'digits' nor an existing folder")
+    if args.data == "digits" and args.image_size < 8:
+        raise CLIError(f"--image-size {args.image_size} is smaller than the 8x8 digits; use 8 or more (e.g. 32)")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise CLIError(f"--checkpoint {args.checkpoint!r} does not exist")
     args.device = _device(args.device)
-    _check_writable(args.out)
+    _check_out(args.out, args.overwrite)
 
 
 def _device(name: str) -> str:
@@ -124,6 +149,15 @@ def _device(name: str) -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise CLIError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
     return name
+
+
+def _check_out(path: str, overwrite: bool) -> None:
+    """``--out`` must be new or empty (unless ``--overwrite``), and writable."""
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if entries and not overwrite:
+        raise CLIError(f"--out {path!r} is not empty (it holds {', '.join(entries[:3])}"
+                       f"{', ...' if len(entries) > 3 else ''}); choose another folder or pass --overwrite")
+    _check_writable(path)
 
 
 def _check_writable(path: str) -> None:
@@ -138,8 +172,9 @@ def _check_writable(path: str) -> None:
 
 
 def _check_method(method: str) -> None:
-    if method not in ALL_METHODS:
-        raise CLIError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    if method not in METHODS:
+        raise CLIError(f"unknown method {method!r}{_did_you_mean(method, METHODS)}; choose one of "
+                       f"{', '.join(METHODS)}")
 
 
 def _check_fraction(value: float, flag: str) -> None:
@@ -147,131 +182,11 @@ def _check_fraction(value: float, flag: str) -> None:
         raise CLIError(f"{flag} {value} must be strictly between 0 and 1")
 
 
-# -- the job -----------------------------------------------------------------------------------
-class _Setup:
-    """Data, loaders and the trained model shared by ``run`` and ``compare``."""
-
-    def __init__(self, args):
-        from . import data as data_mod
-
-        torch.manual_seed(args.seed)
-        if args.data == "digits":
-            self.train_set, self.test_set = data_mod.digits_datasets(image_size=args.image_size,
-                                                                     seed=args.seed)
-            self.data_name = "digits"
-        else:
-            try:
-                self.train_set, self.test_set = data_mod.image_folder_datasets(
-                    args.data, image_size=args.image_size, seed=args.seed)
-            except ValueError as exc:
-                raise CLIError(str(exc)) from None
-            self.data_name = args.data
-        self.num_classes = data_mod.num_classes(self.train_set)
-        self.train_loader, self.test_loader = data_mod.make_loaders(
-            self.train_set, self.test_set, batch_size=args.batch_size, seed=args.seed)
-        self.example_inputs = next(iter(self.test_loader))[0][:1].to(args.device)
-
-
-def _create_model(args, num_classes: int) -> nn.Module:
-    import timm
-
-    kwargs = dict(pretrained=False, num_classes=num_classes)
-    try:
-        return timm.create_model(args.model, img_size=args.image_size, **kwargs)
-    except TypeError:
-        return timm.create_model(args.model, **kwargs)
-
-
-def _stats_batches(loader, n: int):
-    batches = []
-    for batch in loader:
-        if len(batches) >= n:
-            break
-        batches.append(batch)
-    return batches
-
-
-def _evaluate(model, setup, args) -> Dict[str, float]:
-    from .budget import measure_cost
-    from .training import evaluate
-
-    result = dict(evaluate(model, setup.test_loader, device=args.device))
-    cost = measure_cost(model, setup.example_inputs)
-    result.update(params=cost.params, flops=cost.flops)
-    return result
-
-
-def _finetune_fn(setup, args, epochs: int):
-    from .training import finetune_callback
-
-    return finetune_callback(setup.train_loader, epochs=epochs, lr=args.finetune_lr, seed=args.seed,
-                             device=args.device, progress=not args.no_progress,
-                             max_batches=args.max_train_batches)
-
-
-def _prepare(args):
-    """Load data and train (or load) the starting model; returns (setup, model, timings)."""
-    from .io import load
-    from .training import train
-
-    setup = _Setup(args)
-    timings = {}
-    start = time.perf_counter()
-    if args.checkpoint:
-        model = load(args.checkpoint, map_location=args.device)
-    else:
-        torch.manual_seed(args.seed)
-        model = _create_model(args, setup.num_classes).to(args.device)
-        train(model, setup.train_loader, epochs=args.epochs, lr=args.lr, device=args.device,
-              seed=args.seed, progress=not args.no_progress, max_batches=args.max_train_batches)
-    timings["train"] = time.perf_counter() - start
-    return setup, model, timings
-
-
-def _importance_or_name(method: str, model, setup, args):
-    """Our method names pass through; Torch-Pruning's become Importance objects."""
-    if method in OUR_METHODS:
-        return method
-    import torch_pruning as tp
-
-    if method == "taylor":
-        _accumulate_grads(model, setup, args)
-    return TP_METHODS[method](tp)
-
-
-def _accumulate_grads(model, setup, args) -> None:
-    """Taylor importance reads ``.grad``: one pass of the statistics batches fills it."""
-    model.zero_grad(set_to_none=True)
-    for x, y in _stats_batches(setup.train_loader, args.stat_batches):
-        nn.functional.cross_entropy(model(x.to(args.device)), y.to(args.device)).backward()
-
-
-def _prune_once(model, setup, args, method: str, target: dict, finetune_epochs: int):
-    from .prune import prune
-
-    torch.manual_seed(args.seed)
-    importance = _importance_or_name(method, model, setup, args)
-    stats_data = _stats_batches(setup.train_loader, args.stat_batches)
-    finetune = _finetune_fn(setup, args, finetune_epochs) if finetune_epochs > 0 else None
-    return prune(model, stats_data, setup.example_inputs, method=importance,
-                 iterative_steps=args.iterative_steps, finetune=finetune,
-                 fisher_type=args.fisher_type, progress=not args.no_progress, **target)
-
-
-def _versions() -> Dict[str, str]:
-    import timm
-    import torch_pruning as tp
-
-    from . import __version__
-
-    return {"tp_eigendamage": __version__, "torch": torch.__version__, "torch_pruning": tp.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
-
-
-def _target_of(args) -> dict:
-    if args.target_flops is not None:
-        _check_fraction(args.target_flops, "--target-flops")
-        return {"target_flops": args.target_flops}
+def _target_of(args) -> Dict[str, float]:
+    for name in ("target_flops", "target_latency"):
+        if getattr(args, name) is not None:
+            _check_fraction(getattr(args, name), f"--{name.replace('_', '-')}")
+            return {name: getattr(args, name)}
     if args.pruning_ratio is not None:
         _check_fraction(args.pruning_ratio, "--pruning-ratio")
         return {"pruning_ratio": args.pruning_ratio}
@@ -280,71 +195,16 @@ def _target_of(args) -> dict:
     return {"target_params": value}
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    return "\n".join(lines + [fmt.format(*r) for r in rows])
-
-
-def run(args) -> dict:
-    """The default job: train, prune, fine-tune, report."""
-    from .io import save
-    from .kfac import collect_kfac
-    from .plots import plot_layer_widths, plot_spectra
-
+def _run(args) -> None:
     _check_method(args.method)
     target = _target_of(args)
+    if args.finetune_epochs < 0:
+        raise CLIError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     _check_common(args)
-    setup, model, timings = _prepare(args)
-    stages = {"trained": _evaluate(model, setup, args)}
-
-    spectra = _largest_spectra(collect_kfac(model, _stats_batches(setup.train_loader, args.stat_batches),
-                                            fisher_type=args.fisher_type, progress=False), k=4)
-    start = time.perf_counter()
-    model, report = _prune_once(model, setup, args, args.method, target, finetune_epochs=0)
-    timings["prune"] = time.perf_counter() - start
-    stages["pruned"] = _evaluate(model, setup, args)
-    start = time.perf_counter()
-    if args.finetune_epochs > 0:
-        _finetune_fn(setup, args, args.finetune_epochs)(model, 1)
-    timings["finetune"] = time.perf_counter() - start
-    stages["fine-tuned"] = _evaluate(model, setup, args)
-
-    stage_time = {"trained": timings["train"], "pruned": timings["prune"], "fine-tuned": timings["finetune"]}
-    rows = [[name, f"{s['params']:,}", f"{s['flops'] / 1e6:.2f}M", f"{s['accuracy']:.2%}",
-             f"{s['loss']:.4f}", f"{stage_time[name]:.1f}s"] for name, s in stages.items()]
-    print(f"\n{args.model} on {setup.data_name} ({args.image_size}px), method {args.method}, {target}")
-    print(_table(["stage", "params", "FLOPs", "test acc", "test loss", "time"], rows))
-    print(f"\n{report}")
-
-    os.makedirs(args.out, exist_ok=True)
-    save(model, os.path.join(args.out, "pruned_model.pt"))
-    report_dict = report.to_dict()
-    plot_layer_widths(report_dict["layers"], os.path.join(args.out, "layer_widths.png"))
-    plot_spectra(spectra, os.path.join(args.out, "eigen_spectra.png"))
-    result = {"config": {k: v for k, v in vars(args).items() if k != "command"}, "target": target,
-              "stages": stages, "timings": timings, "pruning": report_dict, "versions": _versions()}
-    with open(os.path.join(args.out, "report.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"\nwrote {args.out}/pruned_model.pt, report.json, layer_widths.png, eigen_spectra.png")
-    return result
+    jobs.run(args, target)
 
 
-def _largest_spectra(stats, k: int) -> Dict[str, Dict[str, List[float]]]:
-    """λ_A and λ_S of the ``k`` layers with the most weights."""
-    largest = sorted(stats.items(), key=lambda kv: -kv[0].weight.numel())[:k]
-    out = {}
-    for module, f in largest:
-        lam_a, _, lam_s, _ = f.eigen()
-        out[f.name] = {"input": lam_a.flatten().tolist(), "grad": lam_s.flatten().tolist()}
-    return out
-
-
-def compare(args) -> dict:
-    """Same trained model, same statistics data and fine-tuning budget, several methods."""
-    from .plots import plot_compare
-
+def _compare(args) -> None:
     methods = _csv(args.methods, str, "methods")
     for m in methods:
         _check_method(m)
@@ -354,47 +214,32 @@ def compare(args) -> dict:
     budgets = _csv(args.finetune_epochs, int, "finetune-epochs")
     if any(b < 0 for b in budgets):
         raise CLIError("--finetune-epochs values must be >= 0")
+    seeds = _csv(args.seeds, int, "seeds")
     _check_common(args)
-    setup, trained, _ = _prepare(args)
-    base = _evaluate(trained, setup, args)
-    results = []
-    for method in methods:
-        for target in targets:
-            for budget in budgets:
-                model = copy.deepcopy(trained)
-                start = time.perf_counter()
-                model, report = _prune_once(model, setup, args, method, {"target_params": target}, budget)
-                seconds = time.perf_counter() - start
-                ev = _evaluate(model, setup, args)
-                results.append({"method": method, "target_params": target, "finetune_epochs": budget,
-                                "params_fraction": report.params_fraction,
-                                "flops_fraction": report.flops_fraction,
-                                "accuracy": ev["accuracy"], "loss": ev["loss"], "seconds": seconds})
-    rows = [[r["method"], f"{r['target_params']:.2f}", str(r["finetune_epochs"]),
-             f"{r['params_fraction']:.3f}", f"{r['flops_fraction']:.3f}", f"{r['accuracy']:.2%}",
-             f"{r['loss']:.4f}"] for r in results]
-    print(f"\n{args.model} on {setup.data_name}: unpruned test accuracy {base['accuracy']:.2%}, "
-          f"loss {base['loss']:.4f}")
-    print(_table(["method", "target", "ft epochs", "params kept", "FLOPs kept", "test acc",
-                  "test loss"], rows))
-    out = {"config": vars(args), "baseline": base, "results": results, "versions": _versions()}
-    with open(os.path.join(args.out, "compare.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
-    plot_compare(results, os.path.join(args.out, "compare.png"))
-    print(f"\nwrote {args.out}/compare.json, compare.png")
-    return out
+    jobs.compare(args, methods, targets, budgets, seeds)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``tp-eigendamage [compare] [options]``; returns the exit code (2: bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["compare"]:
-            compare(build_compare_parser().parse_args(argv[1:]))
+            _compare(build_compare_parser().parse_args(argv[1:]))
+        elif argv and not argv[0].startswith("-"):
+            raise CLIError(f"unknown command {argv[0]!r}{_did_you_mean(argv[0], COMMANDS)}; the commands "
+                           f"are {', '.join(COMMANDS)} (or none, for the default job); see tp-eigendamage --help")
         else:
-            run(build_parser().parse_args(argv))
-    except CLIError as exc:
-        print(f"tp-eigendamage: error: {exc}", file=sys.stderr)
+            _run(build_parser().parse_args(argv))
+    except InvalidArgumentError as exc:   # bad input: the command line, files, data
+        print(f"tp-eigendamage: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except TPEigenDamageError as exc:     # e.g. an unreachable target
+        print(f"tp-eigendamage: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

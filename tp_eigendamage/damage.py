@@ -1,4 +1,4 @@
-"""Damage of removing channels, in loss units (docs/fidelity.md).
+"""Damage of removing channels, in loss units (docs/method.md §4, §8).
 
 Removing weights changes them by ``Δ`` (``Δ = −w`` on the removed weights, plus the
 compensation for OBS) and the mean training loss by
@@ -21,6 +21,15 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
+
+from .errors import InvalidArgumentError
+from .kfac import KFACFactors
+from .layers import adapter_for
+
+__all__ = ["OBS_DAMPING", "kron_in_damage", "kron_out_damage", "diag_in_damage", "diag_out_damage",
+           "eigen_damages", "damped_inverse", "obs_in_damage", "obs_out_damage", "obs_in_joint",
+           "obs_damage", "obs_compensation"]
 
 #: Default OBS damping γ: the inverse is taken of ``A + γ·mean(diag A)·I``. Keeps the inverse
 #: finite for dead (all-zero) channels and rank-deficient ``A``; on a small CNN trained on digits
@@ -83,7 +92,7 @@ def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor, mean_grad: Optional[t
 def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor, mean_grad: Optional[torch.Tensor] = None,
                   removal_fisher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """EigenDamage of a KFE core ``W*`` ``(r_out, r_in, K)`` (docs/fidelity.md).
+    """EigenDamage (docs/method.md §4) of a KFE core ``W*`` ``(r_out, r_in, K)``.
 
     ``damage_in(j) = Σ_i Σ_k (−Ḡ*_{ijk} W*_{ijk} + ½ W*_{ijk}² F_ij)`` and ``damage_out(i)`` the
     same sum over ``j``, with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE
@@ -152,7 +161,7 @@ def split_by_group(channels: Sequence[int], per_group: int, groups: int):
 
 def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Sequence[int],
                  damping: float, mean_grad: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
-    """Joint Kron-OBS removal of the input channels ``removed``.
+    """Joint Kron-OBS removal of the input channels ``removed`` (docs/method.md §8).
 
     Per group and kernel offset, with ``P`` the removed channels and ``M = ([A⁻¹]_PP)⁻¹``:
     update ``ΔW = −W_P M [A⁻¹]_P,:`` (which sets ``W_P`` to zero and compensates the remaining
@@ -178,26 +187,33 @@ def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Seq
 
 
 # -- on a layer: Kron-OBS joint damage and compensation ---------------------------------------
-def _obs_operands(module, factors, removed_in_idxs):
-    from .layers import adapter_for
-
+def _obs_operands(module: nn.Module, factors: KFACFactors, removed_in_idxs):
+    """``(w, A, S, removed channels)``; the input features of a Linear with channel-structured
+    factors are mapped to its channels (whole channels only)."""
     adapter = adapter_for(module)
     if adapter is None:
-        raise TypeError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
+        raise InvalidArgumentError(f"OBS needs an nn.Conv2d or nn.Linear, got {type(module).__name__}")
     factors.check(module)
     if factors.factor_mode != "channel":
-        raise ValueError(f"OBS uses channel-mode factors, got factor_mode={factors.factor_mode!r}; "
+        raise InvalidArgumentError(f"OBS uses channel-mode factors, got factor_mode={factors.factor_mode!r}; "
                          "collect the statistics with collect_kfac(..., factor_mode='channel')")
     n_in = adapter.in_features(module)
     bad = [int(c) for c in removed_in_idxs if not 0 <= int(c) < n_in]
     if bad or len(removed_in_idxs) == 0:
-        raise ValueError(f"removed_in_idxs must be a non-empty list of input channels in "
+        raise InvalidArgumentError(f"removed_in_idxs must be a non-empty list of input channels in "
                          f"[0, {n_in}); got {list(removed_in_idxs) if bad == [] else bad}")
-    return adapter.weight_blocks(module), factors.input_blocks, factors.grad_blocks
+    positions = factors.flattened_positions
+    features = sorted({int(c) for c in removed_in_idxs})
+    channels = sorted({c // positions for c in features})
+    if len(features) != len(channels) * positions:
+        raise InvalidArgumentError(
+            f"'{factors.name}' has channel-structured factors ({positions} inputs per channel of "
+            "its flattened input); remove whole channels (all their inputs) at once")
+    return factors.weight_blocks(module), factors.input_blocks, factors.grad_blocks, channels
 
 
-def obs_damage(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING,
-               *, first_order: bool = True) -> float:
+def obs_damage(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
+               damping: float = OBS_DAMPING, *, first_order: bool = True) -> float:
     """Predicted loss increase ``Σ Ḡ ⊙ ΔW + ½ tr(W_Pᵀ S W_P ([A⁻¹]_PP)⁻¹)`` of removing the input
     channels ``removed_in_idxs`` of ``module`` together, with OBS compensation ``ΔW`` (see
     :func:`obs_in_joint`).
@@ -206,21 +222,21 @@ def obs_damage(module, factors, removed_in_idxs: Sequence[int], damping: float =
     The first-order term uses ``factors.mean_grad`` (skipped if ``first_order=False`` or if the
     statistics hold no mean gradient).
     """
-    w, A, S = _obs_operands(module, factors, removed_in_idxs)
+    w, A, S, channels = _obs_operands(module, factors, removed_in_idxs)
     mean_grad = factors.mean_grad if first_order else None
-    return obs_in_joint(w, A, S, removed_in_idxs, damping, mean_grad)[0]
+    return obs_in_joint(w, A, S, channels, damping, mean_grad)[0]
 
 
-def obs_compensation(module, factors, removed_in_idxs: Sequence[int], damping: float = OBS_DAMPING,
-                     *, apply: bool = True) -> torch.Tensor:
+def obs_compensation(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
+                     damping: float = OBS_DAMPING, *, apply: bool = True) -> torch.Tensor:
     """OBS update ``ΔW = −W_P ([A⁻¹]_PP)⁻¹ [A⁻¹]_P,:`` for removing input channels ``P``.
 
     Returns ``ΔW`` shaped like ``module.weight``; with ``apply=True`` it is added to the weight,
     which zeroes the columns ``P`` (remove them afterwards, e.g. with Torch-Pruning) and
-    compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (MATH.md §6).
+    compensates the remaining ones. Exact under K-FAC because ``S`` is unchanged (docs/method.md §8).
     """
-    w, A, S = _obs_operands(module, factors, removed_in_idxs)
-    delta = obs_in_joint(w, A, S, removed_in_idxs, damping)[1].reshape(module.weight.shape)
+    w, A, S, channels = _obs_operands(module, factors, removed_in_idxs)
+    delta = obs_in_joint(w, A, S, channels, damping)[1].reshape(module.weight.shape)
     delta = delta.to(module.weight.dtype)
     if apply:
         with torch.no_grad():

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .errors import InvalidArgumentError
+
+__all__ = ["digits_datasets", "image_folder_datasets", "make_loaders", "num_classes", "LabeledSubset",
+           "IMAGE_FOLDER_LAYOUT"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_FOLDER_LAYOUT = ("either PATH/train/<class>/<image> plus PATH/val/<class>/<image> "
@@ -53,11 +58,11 @@ def digits_datasets(image_size: int = 32, channels: int = 3, seed: int = 0,
     from sklearn.model_selection import train_test_split
 
     if image_size < 8:
-        raise ValueError(f"image_size={image_size} is smaller than the 8x8 digits; use >= 8 (e.g. 32)")
+        raise InvalidArgumentError(f"image_size={image_size} is smaller than the 8x8 digits; use >= 8 (e.g. 32)")
     if channels < 1:
-        raise ValueError(f"channels={channels} must be >= 1 (3 for timm models)")
+        raise InvalidArgumentError(f"channels={channels} must be >= 1 (3 for timm models)")
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction} must be strictly between 0 and 1 (e.g. 0.2)")
+        raise InvalidArgumentError(f"test_fraction={test_fraction} must be strictly between 0 and 1 (e.g. 0.2)")
     digits = load_digits()
     pixels = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.long)
@@ -77,7 +82,7 @@ def _image_folder(root: str, transform):
     try:
         return ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise ValueError(f"{root!r} is not an image folder ({exc}); expected {IMAGE_FOLDER_LAYOUT}") from None
+        raise InvalidArgumentError(f"{root!r} is not an image folder ({exc}); expected {IMAGE_FOLDER_LAYOUT}") from None
 
 
 def image_folder_datasets(path: str, image_size: int = 32, channels: int = 3, seed: int = 0,
@@ -93,9 +98,9 @@ def image_folder_datasets(path: str, image_size: int = 32, channels: int = 3, se
     from torchvision import transforms
 
     if not os.path.isdir(path):
-        raise ValueError(f"data path {path!r} does not exist or is not a directory; expected {IMAGE_FOLDER_LAYOUT}")
+        raise InvalidArgumentError(f"data path {path!r} does not exist or is not a directory; expected {IMAGE_FOLDER_LAYOUT}")
     if channels not in (1, 3):
-        raise ValueError(f"channels={channels} must be 1 or 3 for image folders")
+        raise InvalidArgumentError(f"channels={channels} must be 1 or 3 for image folders")
     mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,)
     std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,)
     grayscale = [transforms.Grayscale(num_output_channels=1)] if channels == 1 else []
@@ -104,18 +109,18 @@ def image_folder_datasets(path: str, image_size: int = 32, channels: int = 3, se
     train_dir = os.path.join(path, "train")
     test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
     if os.path.isdir(train_dir) and test_dir is None:
-        raise ValueError(f"{path!r} has a train/ folder but no val/ or test/ folder; expected {IMAGE_FOLDER_LAYOUT}")
+        raise InvalidArgumentError(f"{path!r} has a train/ folder but no val/ or test/ folder; expected {IMAGE_FOLDER_LAYOUT}")
     if test_dir is not None and not os.path.isdir(train_dir):
-        raise ValueError(f"{path!r} has {os.path.basename(test_dir)}/ but no train/ folder; expected {IMAGE_FOLDER_LAYOUT}")
+        raise InvalidArgumentError(f"{path!r} has {os.path.basename(test_dir)}/ but no train/ folder; expected {IMAGE_FOLDER_LAYOUT}")
     if test_dir is not None:
         train, test = _image_folder(train_dir, transform), _image_folder(test_dir, transform)
         if train.classes != test.classes:
-            raise ValueError(f"class folders differ between {train_dir!r} and {test_dir!r}: "
+            raise InvalidArgumentError(f"class folders differ between {train_dir!r} and {test_dir!r}: "
                              f"{train.classes} vs {test.classes}; give both the same class sub-folders")
         return train, test
     folder = _image_folder(path, transform)
     if len(folder) < 2:
-        raise ValueError(f"{path!r} holds {len(folder)} image(s); a train/test split needs at least 2")
+        raise InvalidArgumentError(f"{path!r} holds {len(folder)} image(s); a train/test split needs at least 2")
     order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = min(max(1, round(test_fraction * len(folder))), len(folder) - 1)
     return (LabeledSubset(folder, sorted(order[n_test:]), folder.classes),
@@ -127,7 +132,7 @@ def make_loaders(train: Dataset, test: Dataset, batch_size: int = 64, seed: int 
     """Train loader (shuffled by a ``torch.Generator`` seeded with ``seed``) and test loader
     (fixed order). The same seed gives the same batches in the same order on every run."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise InvalidArgumentError(f"batch_size={batch_size} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers),
             DataLoader(test, batch_size=batch_size, shuffle=False, num_workers=num_workers))

@@ -4,62 +4,63 @@ For every Conv2d / Linear the diagonal of the Fisher of the per-example loss is
 
     F_diag = E_n[G_n ⊙ G_n],   G_n = Σ_t g_t a_tᵀ   (per-example weight gradient)
 
-on the same scale as K-FAC's ``A ⊗ S``, and (``mean_gradient=True``) the mean data-label
-gradient ``Ḡ = E_n[∂ℓ_n(y_n)/∂W]`` for the damages' first-order term. ``G_n`` comes from a
-forward hook (``a``) and a tensor hook on the layer output (``g = ∂ℓ_n/∂s``) via the layer
-adapters; batching, labels and model-state handling are kfac.py's.
+on the same scale as K-FAC's ``A ⊗ S`` (docs/method.md §8), and (``mean_gradient=True``) the
+mean data-label gradient ``Ḡ = E_n[∂ℓ_n(y_n)/∂W]`` for the damages' first-order term
+(docs/method.md §4). ``G_n`` comes from a forward hook (``a``) and a tensor hook on the layer
+output (``g = ∂ℓ_n/∂s``) via the layer adapters; batching, labels and model-state handling are
+the Fisher-pass engine's.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Mapping, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-from .kfac import OutputTap, StaleStatisticsError, all_finite, fisher_passes, select_modules
+from ._model_state import model_device
+from ._passes import PerExampleGradientTap, all_reduce_sums, fisher_passes, select_modules
+from .errors import StaleStatisticsError
+from .layer_statistics import LayerStatistics
 from .layers import adapter_for
 
-#: Per-example gradients are formed for at most this many weight entries at a time.
-CHUNK_ELEMENTS = 1 << 24
+__all__ = ["FisherDiagStats", "collect_fisher_diag"]
 
 
-class FisherDiagStats(Mapping):
+class FisherDiagStats(LayerStatistics[torch.Tensor]):
     """Diagonal Fisher keyed by module; ``stats[module]`` is ``(G, out/G, in/G, K)`` like
-    :meth:`LayerAdapter.weight_blocks`."""
+    :meth:`~tp_eigendamage.layers.LayerAdapter.weight_blocks`.
+
+    Attributes:
+        model: the model the diagonal was collected on.
+        num_examples: examples seen (over all ranks).
+    """
+
+    what = "diagonal Fisher"
+    collector = "collect_fisher_diag"
 
     def __init__(self, diagonals: Dict[nn.Module, torch.Tensor], names: Dict[nn.Module, str],
-                 num_examples: float, model: nn.Module,
-                 mean_grads: Optional[Dict[nn.Module, torch.Tensor]] = None):
-        self._diagonals, self._names, self._mean_grads = diagonals, names, mean_grads or {}
-        self.num_examples, self.model = num_examples, model
+                 num_examples: float, model: Optional[nn.Module] = None,
+                 mean_grads: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__(diagonals, names, model)
+        self.num_examples = num_examples
+        self._mean_grads = mean_grads or {}
 
-    def __getitem__(self, module: nn.Module) -> torch.Tensor:
-        try:
-            diag = self._diagonals[module]
-        except KeyError:
-            raise KeyError(f"no diagonal Fisher for {type(module).__name__} module; it was not "
-                           "covered by collect_fisher_diag") from None
-        if diag.shape != adapter_for(module).weight_blocks(module).shape:
+    def _check(self, module: nn.Module, entry: torch.Tensor) -> None:
+        adapter = adapter_for(module)
+        if adapter is None or entry.shape != adapter.weight_blocks(module).shape:
             raise StaleStatisticsError(
-                f"diagonal Fisher of '{self._names[module]}' has shape {tuple(diag.shape)} but the "
-                f"module's weight no longer matches (it was pruned); call collect_fisher_diag again")
-        return diag
+                f"diagonal Fisher of '{self.name_of(module)}' has shape {tuple(entry.shape)} but "
+                "the module's weight no longer matches (it was pruned); call collect_fisher_diag again")
 
     def mean_grad(self, module: nn.Module) -> Optional[torch.Tensor]:
         """``Ḡ = E_n[∂ℓ_n(y_n)/∂W]`` (data labels) shaped like ``self[module]``, or ``None`` if
         not collected."""
         self[module]  # the same checks
-        return self._mean_grads.get(module)
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self._diagonals)
-
-    def __len__(self) -> int:
-        return len(self._diagonals)
+        return self._mean_grads.get(self.name_of(module))
 
 
-class _SquaredGradCollector(OutputTap):
-    """Accumulates ``Σ_n G_n ⊙ G_n`` from the layer's input and output gradient."""
+class _SquaredGradCollector(PerExampleGradientTap):
+    """Accumulates ``Σ_n G_n ⊙ G_n`` of one layer's per-example gradients."""
 
     def __init__(self, name: str, module: nn.Module, mean_gradient: bool):
         super().__init__(name, module)
@@ -67,24 +68,20 @@ class _SquaredGradCollector(OutputTap):
         self.collect_mean_grad = mean_gradient
         self.grad_sum: Optional[torch.Tensor] = None
 
-    def on_grad(self, x, g):
-        per_example = max(1, self.module.weight.numel())
-        chunk = max(1, CHUNK_ELEMENTS // per_example)
-        for start in range(0, x.shape[0], chunk):
-            grads = self.adapter.per_example_grads(self.module, x[start:start + chunk], g[start:start + chunk])
-            sq = grads.square().sum(0)
-            self.sum = sq if self.sum is None else self.sum + sq
+    def add_gradients(self, grads: torch.Tensor) -> None:
+        sq = grads.square().sum(0)
+        self.sum = sq if self.sum is None else self.sum + sq
 
     def on_data_weight_grad(self, grad):
         if self.collect_mean_grad:
-            blocks = self.adapter.weight_blocks(self.module, grad.detach().float())
+            blocks = self.adapter.weight_blocks(self.module, weight=grad.detach().float())
             self.grad_sum = blocks if self.grad_sum is None else self.grad_sum + blocks
 
     def discard_data_weight_grad(self) -> None:
         self.collect_mean_grad, self.grad_sum = False, None
 
     def non_finite(self) -> Optional[str]:
-        return None if self.sum is None or all_finite(self.sum) else "per-example gradients"
+        return None if self.sum is None or torch.isfinite(self.sum).all() else "per-example gradients"
 
 
 def collect_fisher_diag(model: nn.Module, data: Iterable, *, modules: Optional[Iterable[nn.Module]] = None,
@@ -93,17 +90,29 @@ def collect_fisher_diag(model: nn.Module, data: Iterable, *, modules: Optional[I
     ``mean_gradient``, the mean data-label gradient (:meth:`FisherDiagStats.mean_grad`; as in
     :func:`~tp_eigendamage.collect_kfac`).
 
-    ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
-    ``batch_fn``, ``forward_fn``, ``progress``) mean what they mean in :func:`collect_kfac`:
-    the same Fisher passes (:func:`~tp_eigendamage.kfac.fisher_passes`), batch handling, label
-    sampling, errors and model-state restoration. Models must be batch-first (the per-example
-    gradient of example n sums over every other axis).
+    Args:
+        model, data, modules: as for :func:`~tp_eigendamage.collect_kfac`.
+        **pass_options: ``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
+            ``batch_fn``, ``forward_fn``, ``progress``, meaning what they mean in
+            :func:`~tp_eigendamage.collect_kfac` (the same Fisher passes, batch handling,
+            label sampling, errors and model-state restoration).
+
+    Returns:
+        :class:`FisherDiagStats` keyed by module.
+
+    Raises:
+        KFACError: as :func:`~tp_eigendamage.collect_kfac`.
+
+    Models must be batch-first (the per-example gradient of example n sums over every other axis).
     """
     collectors = [_SquaredGradCollector(n, m, mean_gradient) for n, m in
                   select_modules(model, None if modules is None else list(modules))]
     num_examples = fisher_passes(model, data, collectors, desc="diagonal Fisher",
                                  data_gradient=mean_gradient, **pass_options)
     done = [c for c in collectors if c.sum is not None]
+    mean_grads = [c for c in done if c.grad_sum is not None]
+    num_examples, = all_reduce_sums([c.sum for c in done] + [c.grad_sum for c in mean_grads], [num_examples],
+                                    model_device(model))
     return FisherDiagStats({c.module: c.sum / num_examples for c in done},
                            {c.module: c.name for c in done}, num_examples, model,
-                           {c.module: c.grad_sum / num_examples for c in done if c.grad_sum is not None})
+                           {c.name: c.grad_sum / num_examples for c in mean_grads})

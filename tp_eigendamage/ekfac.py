@@ -1,4 +1,4 @@
-"""Eigenvalue-corrected K-FAC (EK-FAC, George et al. 2018) for KFE blocks (MATH.md §3, end).
+"""Eigenvalue-corrected K-FAC (EK-FAC, George et al. 2018) for KFE blocks (docs/method.md §5).
 
 K-FAC's Fisher diagonal in the KFE is ``λ_S,i λ_A,j``. EK-FAC replaces it by the second moment
 of the per-example gradient projected into the KFE. The core of a KFE block already works in
@@ -29,77 +29,56 @@ EigenDamage of direction j is ``first-order term + ½ removal_in_j`` (docs/fidel
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .kfac import OutputTap, all_finite, fisher_passes
-from .kfe import KFEBlock, KFEError, kfe_blocks
+from ._model_state import model_device
+from ._passes import PerExampleGradientTap, all_reduce_sums, fisher_passes
+from .errors import KFEError
+from .kfe import kfe_blocks
+from .kfe_block import KFEBlock
 
-#: per-example gradients are formed for at most this many weight entries at a time
-CHUNK_ELEMENTS = 2 ** 24
+__all__ = ["fit_eigen_correction"]
 
 
-class _CoreRecorder(OutputTap):
-    """Keeps ``(x, g)`` of every call of one core and folds each batch into ``Σ_n Σ_k G_n²``."""
+class _CoreRecorder(PerExampleGradientTap):
+    """Accumulates ``Σ_n Σ_k G_n²`` of one core's per-example gradients (float64)."""
 
     def __init__(self, name: str, block: KFEBlock):
         super().__init__(name, block.core)
         self.block, self.core = block, block.core
-        self.calls: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sq_sum: Optional[torch.Tensor] = None
         self.removal_sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.grad_sum: Optional[torch.Tensor] = None
         self.collect_mean_grad = True
 
-    def on_grad(self, x, grad):
-        self.calls.append((x.detach(), grad.detach()))
-
     def on_data_weight_grad(self, grad):
         if self.collect_mean_grad:
-            total = self.adapter.weight_blocks(self.core, grad.detach().double())[0]
+            total = self.adapter.weight_blocks(self.core, weight=grad.detach().double())[0]
             self.grad_sum = total if self.grad_sum is None else self.grad_sum + total
 
     def discard_data_weight_grad(self) -> None:
         self.collect_mean_grad, self.grad_sum = False, None
 
-    def end_batch(self) -> None:
-        """``Σ_n Σ_k G_n²`` and ``Σ_n (Σ G_n ⊙ W*)²`` per input / output direction of the batch
-        just back-propagated (``G_n`` summed over calls), in example chunks."""
-        calls, self.calls = self.calls, []
-        if not calls:
-            return
+    def add_gradients(self, grads: torch.Tensor) -> None:
+        """``Σ_n Σ_k G_n²`` and ``Σ_n (Σ G_n ⊙ W*)²`` per input / output direction of a chunk
+        of per-example gradients ``G_n``."""
+        G = grads[:, 0].double()
         core = self.adapter.weight_blocks(self.core)[0].detach().double()
-        out_f, in_f, K = core.shape
-        step = max(1, CHUNK_ELEMENTS // (out_f * in_f * K))
-        device = calls[0][0].device
-        total = torch.zeros(out_f, in_f, dtype=torch.float64, device=device)
-        removal_in = torch.zeros(in_f, dtype=torch.float64, device=device)
-        removal_out = torch.zeros(out_f, dtype=torch.float64, device=device)
-        for lo in range(0, calls[0][0].shape[0], step):
-            G = sum(self.adapter.per_example_grads(self.core, x[lo:lo + step], g[lo:lo + step])
-                    for x, g in calls)[:, 0].double()
-            total += G.pow(2).sum(dim=(0, 3))
-            along = G * core
-            removal_in += along.sum(dim=(1, 3)).pow(2).sum(0)
-            removal_out += along.sum(dim=(2, 3)).pow(2).sum(0)
-        self.sq_sum = total if self.sq_sum is None else self.sq_sum + total
-        sums = (removal_in, removal_out)
-        self.removal_sums = sums if self.removal_sums is None else tuple(
-            a + b for a, b in zip(self.removal_sums, sums))
+        along = G * core
+        sums = (G.pow(2).sum(dim=(0, 3)), along.sum(dim=(1, 3)).pow(2).sum(0),
+                along.sum(dim=(2, 3)).pow(2).sum(0))
+        if self.sq_sum is None:
+            self.sq_sum, self.removal_sums = sums[0], sums[1:]
+        else:
+            self.sq_sum = self.sq_sum + sums[0]
+            self.removal_sums = tuple(a + b for a, b in zip(self.removal_sums, sums[1:]))
 
     def non_finite(self) -> Optional[str]:
-        ok = self.sq_sum is None or all_finite(self.sq_sum)
+        ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
         return None if ok else "per-example gradients in the KFE"
-
-
-def _all_reduce(tensors: List[torch.Tensor]) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
 
 
 def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
@@ -109,15 +88,24 @@ def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
     docstring) and, with ``mean_gradient``, its ``mean_grad`` ``Ḡ* = E_n[∂ℓ_n(y_n)/∂W*]`` (data
     labels; kept as it was if the batches have no targets).
 
-    ``pass_options`` (``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
-    ``batch_fn``, ``forward_fn``, ``progress``) go to the Fisher passes,
-    :func:`~tp_eigendamage.kfac.fisher_passes` (as for :func:`~tp_eigendamage.collect_kfac`:
-    same batch handling, label sampling, model-state restoration and errors); taps on the cores record per-example gradients,
-    vectorized over the batch. Afterwards each
-    block's buffers are cut to its surviving directions (:meth:`KFEBlock.keep_surviving_buffers`),
-    ``fisher_diag`` is ``(r_out_now, r_in_now)`` in the core's channel order and
-    ``block.eigen_corrected`` is True. Returns ``{block name: fisher_diag}``.
-    Under ``torch.distributed`` the sums are all-reduced (global average).
+    Args:
+        model: a model holding KFE blocks (:func:`~tp_eigendamage.to_kfe`).
+        data: batches, as for :func:`~tp_eigendamage.collect_kfac`.
+        **pass_options: ``num_batches``, ``fisher_type``, ``loss_fn``, ``sample_fn``,
+            ``batch_fn``, ``forward_fn``, ``progress`` — the same Fisher passes as
+            :func:`~tp_eigendamage.collect_kfac` (batch handling, label sampling, model-state
+            restoration, errors). Taps on the cores record per-example gradients, vectorized
+            over the batch.
+
+    Returns:
+        ``{block name: fisher_diag}``. Each block's buffers are cut to its surviving directions
+        (:meth:`~tp_eigendamage.KFEBlock.keep_surviving_buffers`), ``fisher_diag`` is
+        ``(r_out_now, r_in_now)`` in the core's channel order and ``block.eigen_corrected`` is
+        True. Under ``torch.distributed`` the sums are all-reduced (global average).
+
+    Raises:
+        KFEError: the model has no KFE blocks, or a core never ran in forward.
+        KFACError: as :func:`~tp_eigendamage.collect_kfac`.
     """
     blocks = kfe_blocks(model)
     if not blocks:
@@ -128,7 +116,8 @@ def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
     idle = [r.name for r in recorders if r.sq_sum is None]
     if idle:
         raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")
-    _all_reduce([t for r in recorders for t in (r.sq_sum, *r.removal_sums, r.grad_sum) if t is not None])
+    num_examples, = all_reduce_sums([t for r in recorders for t in (r.sq_sum, *r.removal_sums, r.grad_sum)
+                                     if t is not None], [num_examples], model_device(model))
     refits = [(r, r.sq_sum / (num_examples * r.adapter.kernel_numel(r.core))) for r in recorders]
     for r, F in refits:
         r.block.keep_surviving_buffers()

@@ -20,7 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-FISHER_TYPES = ("true", "empirical")
+from .errors import FisherInputError
+
+__all__ = ["sample_categorical", "importance_sample_categorical", "WeightedTargets",
+           "sample_gaussian", "cross_entropy", "gaussian_nll", "check_logits"]
 
 
 class WeightedTargets(NamedTuple):
@@ -28,10 +31,6 @@ class WeightedTargets(NamedTuple):
 
     targets: torch.Tensor
     loss_scale: torch.Tensor
-
-
-class FisherInputError(ValueError):
-    """The model's outputs do not fit the chosen Fisher / loss."""
 
 
 LOGITS_HINT = (
@@ -98,11 +97,60 @@ def sample_gaussian(outputs: torch.Tensor) -> torch.Tensor:
     return mean + torch.randn_like(mean)
 
 
+REGRESSION_HINT = (
+    "for regression pass loss_fn=tp_eigendamage.gaussian_nll (and sample_fn="
+    "tp_eigendamage.sample_gaussian for the true Fisher); for soft labels pass loss_fn=lambda "
+    "outputs, targets: torch.nn.functional.cross_entropy(outputs, targets, reduction='none')"
+)
+
+
+def _check_class_labels(outputs, targets) -> None:
+    """The default loss takes ``(N, C)`` logits and ``(N,)`` integer labels in ``[0, C)``."""
+    check_logits(outputs)
+    n, classes = outputs.shape
+    if not isinstance(targets, torch.Tensor):
+        raise FisherInputError(f"targets are a {type(targets).__name__}; the default loss "
+                               "(cross entropy) needs a tensor of integer class labels")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise FisherInputError(
+            f"targets are {targets.dtype} of shape {tuple(targets.shape)}, but the default loss is "
+            f"cross entropy with integer class labels in [0, {classes}); {REGRESSION_HINT}")
+    if targets.shape != (n,):
+        raise FisherInputError(f"targets have shape {tuple(targets.shape)}; the default loss (cross "
+                               f"entropy) needs one integer label per example, shape ({n},)")
+    if n and not bool(((targets >= 0) & (targets < classes)).all()):
+        bad = targets[(targets < 0) | (targets >= classes)]
+        raise FisherInputError(
+            f"label {int(bad[0])} is outside [0, {classes}) for a model with {classes} outputs "
+            f"({bad.numel()} of {n} labels); check the labels and the model's num_classes. Examples "
+            "to ignore (e.g. label -100) must be dropped from the batch: every example counts "
+            "in the Fisher average")
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example cross entropy, ``ℓ_n = -log p(y_n | x_n)``."""
+    """Per-example cross entropy, ``ℓ_n = -log p(y_n | x_n)``, for ``(N, C)`` logits and
+    ``(N,)`` integer labels in ``[0, C)`` (anything else raises
+    :class:`~tp_eigendamage.errors.FisherInputError` naming the fix)."""
+    _check_class_labels(outputs, targets)
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def gaussian_nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example ``½‖y - f(x)‖²`` summed over output dimensions (unit-variance Gaussian)."""
-    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
+    """Per-example ``½‖y - f(x)‖²`` summed over output dimensions (unit-variance Gaussian).
+
+    ``targets`` must have the outputs' shape; ``(N,)`` targets for ``(N, 1)`` outputs are
+    aligned explicitly (never broadcast to ``(N, N)``), and ``(N,)`` outputs are one value per
+    example.
+    """
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        raise FisherInputError("gaussian_nll needs tensor outputs and targets")
+    if outputs.dim() == 0:
+        raise FisherInputError("gaussian_nll needs batched outputs, shape (N, ...); got a scalar")
+    if targets.shape != outputs.shape and outputs.shape[1:] == (1,) and targets.shape == outputs.shape[:1]:
+        targets = targets.unsqueeze(1)
+    if targets.shape != outputs.shape:
+        raise FisherInputError(
+            f"gaussian_nll got outputs of shape {tuple(outputs.shape)} and targets of shape "
+            f"{tuple(targets.shape)}; they must match (broadcasting would mix examples), so "
+            "reshape the targets to the outputs' shape")
+    return 0.5 * (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)

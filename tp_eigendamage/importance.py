@@ -1,4 +1,4 @@
-"""Torch-Pruning ``Importance`` criteria in loss units (MATH.md §3, §6).
+"""Torch-Pruning ``Importance`` criteria in loss units (docs/method.md §4, §8, §9).
 
 Every criterion scores the channels of a Torch-Pruning group as the SUM of its members'
 damages, so scores of different groups share one unit (loss) and ``global_pruning=True``
@@ -8,7 +8,7 @@ element-wise members contribute nothing). Which members carry the damage (``side
 * ``"producer"`` (default): layers that WRITE the channel, output-side damage (what the public
   baselines used);
 * ``"consumer"``: layers that READ the channel, input-side damage (removing a channel changes
-  the network only through its consumers, MATH.md §6).
+  the network only through its consumers, docs/method.md §9).
 
 The default is what predicted the measured loss increase of removing a channel better in
 ``benchmarks/damage_prediction.py`` (Spearman over all channels of a small residual CNN on
@@ -25,25 +25,36 @@ member on the chosen side (e.g. channels that reach the model output directly) u
 Statistics may be given as a mapping (``KFACStats`` / ``FisherDiagStats``) or as a zero-arg
 callable returning a fresh one; the callable is called at first use and again whenever the
 model changed shape since (e.g. between the steps of ``BasePruner(iterative_steps>1)``).
+Statistics collected on another copy of the model are matched by qualified layer name
+(:meth:`~tp_eigendamage.layer_statistics.LayerStatistics.for_model`).
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from . import damage
-from .kfac import StaleStatisticsError
-from .kfe import KFEBlock
+from . import _tp, damage
+from ._options import SIDES, Side, check_choice
+from .diag_fisher import FisherDiagStats
+from .errors import InvalidArgumentError, StaleStatisticsError
+from .kfac import KFACStats
+from .kfe_block import KFEBlock
 from .layers import adapter_for
 
-SIDES = ("consumer", "producer")
+__all__ = ["EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
+           "FisherDiagImportance", "CombinedImportance"]
+
 NORMALIZERS = (None, "mean", "sum", "max")
 COMBINE_NORMALIZERS = ("rank", "sum", None)
+
+#: Statistics, or a zero-argument callable returning fresh ones.
+KFACSource = Union[KFACStats, Callable[[], KFACStats]]
+FisherDiagSource = Union[FisherDiagStats, Callable[[], FisherDiagStats]]
 
 
 class _Statistics:
@@ -55,21 +66,27 @@ class _Statistics:
         elif callable(stats):
             self._factory, self._stats = stats, None
         else:
-            raise TypeError(f"stats must be {what} or a zero-argument callable returning one, "
-                            f"got {type(stats).__name__}")
+            raise InvalidArgumentError(f"stats must be {what} or a zero-argument callable returning "
+                                       f"one, got {type(stats).__name__}")
         self.what = what
 
-    def current(self, exempt) -> Mapping:
-        if self._factory is not None and (self._stats is None or self._any_stale(exempt)):
+    def current(self, model: nn.Module, exempt) -> Mapping:
+        """The statistics keyed by ``model``'s modules, re-collected first if stale."""
+        if self._factory is not None and (self._stats is None or self._any_stale(model, exempt)):
             self.refresh()
-        return self._stats
+        return self._bound(model)
 
-    def _any_stale(self, exempt) -> bool:
-        for module in self._stats:
+    def _bound(self, model: nn.Module) -> Mapping:
+        for_model = getattr(self._stats, "for_model", None)
+        return for_model(model) if for_model is not None else self._stats
+
+    def _any_stale(self, model: nn.Module, exempt) -> bool:
+        stats = self._bound(model)
+        for module in stats:
             if module in exempt:
                 continue
             try:
-                self._stats[module]
+                stats[module]
             except StaleStatisticsError:
                 return True
         return False
@@ -84,8 +101,8 @@ class _Statistics:
         with torch.enable_grad():  # Torch-Pruning scores groups under torch.no_grad()
             stats = self._factory()
         if not isinstance(stats, Mapping):
-            raise TypeError(f"the statistics callable returned {type(stats).__name__}; it must "
-                            f"return {self.what}")
+            raise InvalidArgumentError(f"the statistics callable returned {type(stats).__name__}; "
+                                       f"it must return {self.what}")
         self._stats = stats
 
 
@@ -103,14 +120,12 @@ class _ChannelImportance(tp.importance.Importance):
 
     what = "KFACStats"
 
-    def __init__(self, stats, *, side: str = "producer", normalizer=None, first_order: bool = True):
-        if side not in SIDES:
-            raise ValueError(f"side={side!r}; choose 'consumer' (input-side damage of the layers "
-                             "reading a channel) or 'producer' (output-side damage of the layers "
-                             "writing it)")
-        if not (normalizer in NORMALIZERS or callable(normalizer)):
-            raise ValueError(f"normalizer={normalizer!r}; choose one of {NORMALIZERS} or pass a "
-                             "callable (None keeps loss units, needed for global pruning)")
+    def __init__(self, stats, *, side: Side = "producer", normalizer=None, first_order: bool = True):
+        check_choice(side, "side", SIDES, hint="'producer': output-side damage of the layers "
+                     "writing a channel; 'consumer': input-side damage of the layers reading it")
+        if not callable(normalizer):
+            check_choice(normalizer, "normalizer", NORMALIZERS, hint="or pass a callable; None "
+                         "keeps loss units, needed for global pruning")
         self.side, self.normalizer, self.first_order = side, normalizer, bool(first_order)
         self._statistics = _Statistics(stats, self.what)
         self._warned_no_gradient = False
@@ -152,14 +167,15 @@ class _ChannelImportance(tp.importance.Importance):
 
     # -- Torch-Pruning entry point ---------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, group) -> Optional[torch.Tensor]:
-        self._prepare(group._DG.model)
-        stats = self._statistics.current(self._exempt())
+    def __call__(self, group: _tp.Group) -> Optional[torch.Tensor]:
+        model = _tp.group_model(group)
+        self._prepare(model)
+        stats = self._statistics.current(model, self._exempt())
         try:
             scores = self._score(group, stats)
         except StaleStatisticsError as err:
             self._statistics.refresh(err)
-            scores = self._score(group, self._statistics.current(self._exempt()))
+            scores = self._score(group, self._statistics.current(model, self._exempt()))
         return None if scores is None else _normalize(scores, self.normalizer)
 
     def _score(self, group, stats) -> Optional[torch.Tensor]:
@@ -170,20 +186,17 @@ class _ChannelImportance(tp.importance.Importance):
         return None
 
     def _sum_members(self, group, side: str, stats) -> Optional[torch.Tensor]:
-        DG = group._DG
-        position = {r: p for p, r in enumerate(group[0].root_idxs)}
+        entries = list(_tp.members(group))
+        position = {r: p for p, r in enumerate(entries[0].root_idxs)}
         total = None
-        for item in group:
-            dep, idxs = item
-            module = dep.layer
+        for entry in entries:
+            module = entry.layer
             if adapter_for(module) is None:
                 continue
-            fn = dep.pruning_fn
-            member = self._member_damage(module, DG.is_in_channel_pruning_fn(fn),
-                                         DG.is_out_channel_pruning_fn(fn), side, stats)
+            member = self._member_damage(module, entry.is_in_channel, entry.is_out_channel, side, stats)
             if member is None:
                 continue
-            pairs = [(position[r], i) for r, i in zip(item.root_idxs, idxs) if r is not None]
+            pairs = [(position[r], i) for r, i in zip(entry.root_idxs, entry.idxs) if r is not None]
             if total is None:
                 total = torch.zeros(len(position), dtype=torch.float64, device=member.device)
             if pairs:
@@ -193,7 +206,8 @@ class _ChannelImportance(tp.importance.Importance):
 
 
 class KroneckerOBDImportance(_ChannelImportance):
-    """Kron-OBD channel damage from channel-mode K-FAC factors and the mean gradient ``Ḡ``.
+    """Kron-OBD channel damage (docs/method.md §8) from channel-mode K-FAC factors and the mean
+    gradient ``Ḡ`` (§4).
 
     * input channel j (consumer side): ``Σ_k (−Ḡ_{:,j,k} · w_{:,j,k} + ½ A_jj · w_{:,j,k}ᵀ S w_{:,j,k})``;
     * output channel c (producer side): ``Σ_k (−Ḡ_{c,:,k} · w_{c,:,k} + ½ S_cc · w_{c,:,k}ᵀ A w_{c,:,k})``.
@@ -203,7 +217,8 @@ class KroneckerOBDImportance(_ChannelImportance):
     zero-arg callable returning one.
     """
 
-    def __init__(self, stats, side: str = "producer", *, normalizer=None, first_order: bool = True):
+    def __init__(self, stats: KFACSource, side: Side = "producer", *, normalizer=None,
+                 first_order: bool = True):
         super().__init__(stats, side=side, normalizer=normalizer, first_order=first_order)
 
     def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -211,38 +226,48 @@ class KroneckerOBDImportance(_ChannelImportance):
         data-label gradient (``None`` if ``first_order=False``)."""
         f = stats[module]
         if f.factor_mode != "channel":
-            raise ValueError(f"channel criteria need factor_mode='channel' statistics, layer "
+            raise InvalidArgumentError(f"channel criteria need factor_mode='channel' statistics, layer "
                              f"'{f.name}' has {f.factor_mode!r}; collect_kfac(..., factor_mode='channel')")
-        return (adapter_for(module).weight_blocks(module), f.input_blocks, f.grad_blocks,
-                self._first_order(f.mean_grad))
+        return f.weight_blocks(module), f.input_blocks, f.grad_blocks, self._first_order(f.mean_grad)
+
+    @staticmethod
+    def _per_input(module, stats, per_channel: torch.Tensor) -> torch.Tensor:
+        """Input damages per input of ``module``: a Linear with channel-structured factors
+        spreads each channel's damage evenly over its flattened inputs (Torch-Pruning removes
+        them together, so a group's sum is the channel's damage)."""
+        positions = stats[module].flattened_positions
+        return per_channel if positions == 1 else per_channel.repeat_interleave(positions) / positions
 
     def _in_damage(self, module, stats):
-        return damage.kron_in_damage(*self._curvature(module, stats))
+        return self._per_input(module, stats, damage.kron_in_damage(*self._curvature(module, stats)))
 
     def _out_damage(self, module, stats):
         return damage.kron_out_damage(*self._curvature(module, stats))
 
 
 class KroneckerOBSImportance(KroneckerOBDImportance):
-    """Kron-OBS single-channel damage with compensation of the remaining weights.
+    """Kron-OBS single-channel damage with compensation of the remaining weights (docs/method.md §8).
 
     Input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``; output channel i:
     ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``; plus ``Σ Ḡ ⊙ Δ`` along the OBS update ``Δ``
     (:func:`tp_eigendamage.damage.obs_in_damage`, ``first_order=False`` drops it). Inverses are
     damped, ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
     Apply the matching update with :func:`tp_eigendamage.damage.obs_compensation`.
+
+    The default side is ``"consumer"``: the compensation updates the layers that READ the
+    removed channels, so their input-side damage is what the update achieves.
     """
 
-    def __init__(self, stats, side: str = "producer", *, damping: float = damage.OBS_DAMPING,
-                 normalizer=None, first_order: bool = True):
-        if not damping >= 0:
-            raise ValueError(f"damping={damping!r}; pass a non-negative number (γ in A + γ·mean(diag A)·I)")
+    def __init__(self, stats: KFACSource, side: Side = "consumer", *,
+                 damping: float = damage.OBS_DAMPING, normalizer=None, first_order: bool = True):
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+            raise InvalidArgumentError(f"damping={damping!r}; pass a non-negative number (γ in A + γ·mean(diag A)·I)")
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self.damping = float(damping)
 
     def _in_damage(self, module, stats):
         w, A, S, mean_grad = self._curvature(module, stats)
-        return damage.obs_in_damage(w, A, S, self.damping, mean_grad)
+        return self._per_input(module, stats, damage.obs_in_damage(w, A, S, self.damping, mean_grad))
 
     def _out_damage(self, module, stats):
         w, A, S, mean_grad = self._curvature(module, stats)
@@ -258,7 +283,8 @@ class FisherDiagImportance(_ChannelImportance):
 
     what = "FisherDiagStats"
 
-    def __init__(self, fisher, side: str = "producer", *, normalizer=None, first_order: bool = True):
+    def __init__(self, fisher: FisherDiagSource, side: Side = "producer", *, normalizer=None,
+                 first_order: bool = True):
         super().__init__(fisher, side=side, normalizer=normalizer, first_order=first_order)
 
     def _operands(self, module, stats):
@@ -273,7 +299,7 @@ class FisherDiagImportance(_ChannelImportance):
 
 
 class EigenDamageImportance(KroneckerOBDImportance):
-    """EigenDamage for KFE blocks, Kron-OBD for every other channel.
+    """EigenDamage (docs/method.md §4) for KFE blocks, Kron-OBD (§8) for every other channel.
 
     Members belonging to a :class:`~tp_eigendamage.kfe.KFEBlock`:
 
@@ -292,7 +318,8 @@ class EigenDamageImportance(KroneckerOBDImportance):
     channels of all layers in one list.
     """
 
-    def __init__(self, stats, *, side: str = "producer", normalizer=None, first_order: bool = True):
+    def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None,
+                 first_order: bool = True):
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
 
@@ -319,8 +346,6 @@ class EigenDamageImportance(KroneckerOBDImportance):
 
     def _eigen_damages(self, block: KFEBlock):
         core = adapter_for(block.core).weight_blocks(block.core)
-        if core.shape[0] != 1:
-            raise NotImplementedError("EigenDamage expects KFE cores with groups=1")
         in_idx, out_idx = block.surviving_directions()
         mean_grad = self._first_order(block.mean_grad)
         removal = (None if block.removal_fisher_in is None else
@@ -380,23 +405,24 @@ class CombinedImportance(tp.importance.Importance):
     """
 
     def __init__(self, criteria: Sequence[Tuple[tp.importance.Importance, float]], normalize="rank"):
-        if normalize not in COMBINE_NORMALIZERS:
-            raise ValueError(f"normalize={normalize!r}; choose 'rank', 'sum' or None")
+        check_choice(normalize, "normalize", COMBINE_NORMALIZERS)
         criteria = list(criteria)
         if not criteria:
-            raise ValueError("CombinedImportance needs at least one (importance, weight) pair")
+            raise InvalidArgumentError("CombinedImportance needs at least one (importance, weight) pair")
         for entry in criteria:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-                raise TypeError(f"each criterion must be an (importance, weight) pair, got {entry!r}")
+                raise InvalidArgumentError(f"each criterion must be an (importance, weight) pair, "
+                                           f"got {entry!r}")
             imp, weight = entry
             if not isinstance(imp, tp.importance.Importance):
-                raise TypeError(f"{type(imp).__name__} is not a torch_pruning Importance; wrap "
-                                "custom scores in a tp.importance.Importance subclass")
+                raise InvalidArgumentError(f"{type(imp).__name__} is not a torch_pruning Importance; "
+                                           "wrap custom scores in a tp.importance.Importance subclass")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(f"weight {weight!r} of {type(imp).__name__} must be a "
-                                 "non-negative number")
+                raise InvalidArgumentError(f"weight {weight!r} of {type(imp).__name__} must be a "
+                                           "non-negative number")
         if not any(weight > 0 for _, weight in criteria):
-            raise ValueError("all weights are zero; give at least one criterion a positive weight")
+            raise InvalidArgumentError("all weights are zero; give at least one criterion a "
+                                       "positive weight")
         self.criteria, self.normalize = [(imp, float(w)) for imp, w in criteria], normalize
 
     def _norm(self, scores: torch.Tensor) -> torch.Tensor:
@@ -416,7 +442,7 @@ class CombinedImportance(tp.importance.Importance):
                 continue
             scores = self._norm(scores.reshape(-1))
             if total is not None and scores.shape != total.shape:
-                raise ValueError(f"{type(imp).__name__} returned {scores.numel()} scores for a "
+                raise InvalidArgumentError(f"{type(imp).__name__} returned {scores.numel()} scores for a "
                                  f"group where another criterion returned {total.numel()}")
             total = weight * scores if total is None else total + weight * scores.to(total.device)
         return None if total is None else total.float()

@@ -11,22 +11,41 @@ Shapes used throughout (``G`` = groups, ``K`` = kernel offsets, 1 for Linear):
   ``in/G * K`` (patch mode);
 * output samples ``g`` live in ``R^{d_out}`` with ``d_out = out/G``;
 * ``weight_blocks(module)`` is a ``(G, d_out, in/G, K)`` view of the weight.
+
+A Linear that reads a map ``(N, C, H, W)`` flattened to ``(N, C·H·W)`` can instead be seen as
+a conv with one output location and an ``H×W`` kernel: ``C`` input channels, each read at
+``P = H·W`` positions (``positions=P``: weight blocks ``(1, out, C, P)``, input samples the
+``C``-vectors at each position). That is exactly how Torch-Pruning couples such inputs to the
+channels that produce them. :func:`~tp_eigendamage.collect_kfac` uses it for layers whose
+dense input factor would exceed its ``max_factor_dim``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FACTOR_MODES = ("channel", "patch")
+__all__ = ["LayerAdapter", "LinearAdapter", "Conv2dAdapter", "adapter_for", "example_chunks",
+           "conv_explicit_padding", "conv_coverage", "CHUNK_ELEMENTS"]
+
+#: Per-example weight gradients are formed for at most this many entries at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def example_chunks(num_examples: int, per_example: int) -> List[slice]:
+    """Slices of the batch holding at most :data:`CHUNK_ELEMENTS` entries when each example
+    needs ``per_example`` of them (at least one example per chunk)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(lo, lo + step) for lo in range(0, num_examples, step)]
 
 
 class LayerAdapter:
     """Interface shared by the layer kinds K-FAC understands."""
 
-    kind: str = ""
+    layer_kind: str = ""
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -40,16 +59,22 @@ class LayerAdapter:
     def out_features(self, module: nn.Module) -> int:
         raise NotImplementedError
 
-    def input_dim(self, module: nn.Module, factor_mode: str) -> int:
+    def input_dim(self, module: nn.Module, factor_mode: str, positions: int = 1) -> int:
         """Size of one input sample ``a`` (per group)."""
-        per_group = self.in_features(module) // self.groups(module)
+        per_group = self.in_features(module) // self.groups(module) // positions
         return per_group * (self.kernel_numel(module) if factor_mode == "patch" else 1)
 
     def output_dim(self, module: nn.Module) -> int:
         return self.out_features(module) // self.groups(module)
 
+    def flattened_map(self, module: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """``(C, P)`` if the layer reads ``x`` as a flattened map of ``C`` channels at ``P``
+        positions each (module docstring), else ``None``."""
+        return None
+
     def input_moments(
-        self, module: nn.Module, x: torch.Tensor, output_shape: torch.Size, factor_mode: str
+        self, module: nn.Module, x: torch.Tensor, output_shape: torch.Size, factor_mode: str,
+        positions: int = 1,
     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Return ``(Σ a aᵀ, Σ a, number of samples)`` for one call of the layer.
 
@@ -61,16 +86,26 @@ class LayerAdapter:
         """Return ``Σ g gᵀ`` over every output location of one call, ``(G, d_out, d_out)``."""
         raise NotImplementedError
 
-    def weight_blocks(self, module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weight_blocks(self, module: nn.Module, positions: int = 1,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight (or ``weight``, a tensor shaped like it, e.g. its gradient) as a
-        ``(G, d_out, in/G, K)`` view."""
+        ``(G, d_out, in/G, K)`` view (``K = positions`` for a Linear reading a flattened map)."""
+        raise NotImplementedError
+
+    def empty_layer(self, like: nn.Module, in_features: int, out_features: int, *, bias: bool,
+                    pointwise: bool = False) -> nn.Module:
+        """A new ungrouped layer of ``like``'s kind, device and dtype, weights uninitialised.
+
+        ``pointwise=True`` gives a 1×1 layer (a rotation); otherwise the layer keeps ``like``'s
+        geometry (kernel, stride, padding, dilation, padding mode).
+        """
         raise NotImplementedError
 
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on ``(N, D)`` or token inputs ``(N, ..., D)``: every row is a sample."""
 
-    kind = "linear"
+    layer_kind = "linear"
 
     def in_features(self, module: nn.Linear) -> int:
         return module.in_features
@@ -78,16 +113,34 @@ class LinearAdapter(LayerAdapter):
     def out_features(self, module: nn.Linear) -> int:
         return module.out_features
 
-    def input_moments(self, module, x, output_shape, factor_mode):
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        return (rows.T @ rows).unsqueeze(0), rows.sum(0).unsqueeze(0), rows.shape[0]
+    #: autograd nodes of ``x.view`` / ``x.reshape`` / ``x.flatten`` (channel-major order)
+    _FLATTENING_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+    def flattened_map(self, module, x):
+        """Read from autograd: ``x`` is ``(N, C·P)`` made by flattening an ``(N, C, ...)`` tensor."""
+        node = x.grad_fn
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if (x.dim() != 2 or sizes is None or type(node).__name__ not in self._FLATTENING_NODES
+                or len(sizes) < 3 or sizes[0] != x.shape[0] or math.prod(sizes[1:]) != x.shape[1]):
+            return None
+        return int(sizes[1]), int(math.prod(sizes[2:]))
+
+    def input_moments(self, module, x, output_shape, factor_mode, positions=1):
+        rows = x.detach().reshape(-1, x.shape[-1] // positions, positions).float()
+        xx = torch.einsum("ncp,ndp->cd", rows, rows)
+        return xx.unsqueeze(0), rows.sum(dim=(0, 2)).unsqueeze(0), rows.shape[0] * positions
 
     def grad_moment(self, module, g):
         rows = g.detach().reshape(-1, g.shape[-1]).float()
         return (rows.T @ rows).unsqueeze(0)
 
-    def weight_blocks(self, module, weight=None):
-        return (module.weight if weight is None else weight).unsqueeze(0).unsqueeze(-1)
+    def weight_blocks(self, module, positions=1, weight=None):
+        w = module.weight if weight is None else weight
+        return w.reshape(1, w.shape[0], w.shape[1] // positions, positions)
+
+    def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
+        return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias,
+                                        device=like.weight.device, dtype=like.weight.dtype)
 
     # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
     def per_example_grads(self, module, x, g):
@@ -115,7 +168,7 @@ def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[i
                   device, dtype=torch.float32) -> torch.Tensor:
     """How many (output location, kernel offset) pairs read each pixel of the padded input.
 
-    ``Σ_{t,k} x_{t,k} x_{t,k}ᵀ = Σ_p c(p) x_p x_pᵀ`` (MATH.md §1): ``c`` is a transposed
+    ``Σ_{t,k} x_{t,k} x_{t,k}ᵀ = Σ_p c(p) x_p x_pᵀ`` (docs/method.md §2): ``c`` is a transposed
     convolution of an all-ones output map with an all-ones kernel.
     """
     kh, kw = module.kernel_size
@@ -129,7 +182,7 @@ def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[i
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` (any stride, padding, dilation, groups); factors per group."""
 
-    kind = "conv2d"
+    layer_kind = "conv2d"
 
     def __init__(self):
         self._coverage_cache = {}
@@ -170,7 +223,7 @@ class Conv2dAdapter(LayerAdapter):
             self._coverage_cache[key] = cov
         return cov
 
-    def input_moments(self, module, x, output_shape, factor_mode):
+    def input_moments(self, module, x, output_shape, factor_mode, positions=1):
         x = x.detach().float()
         n, G = x.shape[0], module.groups
         out_hw = tuple(output_shape[-2:])
@@ -191,10 +244,17 @@ class Conv2dAdapter(LayerAdapter):
         gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
         return torch.einsum("ngct,ngdt->gcd", gg, gg)
 
-    def weight_blocks(self, module, weight=None):
+    def weight_blocks(self, module, positions=1, weight=None):
         w = module.weight if weight is None else weight
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)
+
+    def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
+        geometry = (dict(kernel_size=1) if pointwise else dict(
+            kernel_size=like.kernel_size, stride=like.stride, padding=like.padding,
+            dilation=like.dilation, padding_mode=like.padding_mode))
+        return torch.nn.utils.skip_init(nn.Conv2d, in_features, out_features, bias=bias,
+                                        device=like.weight.device, dtype=like.weight.dtype, **geometry)
 
     # -- per-example gradients (C-OBD, tp_eigendamage.importance) --------------------------
     def per_example_grads(self, module, x, g):
@@ -215,8 +275,8 @@ _ADAPTERS = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}
 
 def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
     """A fresh adapter for ``module``'s kind, or ``None`` if K-FAC does not cover it."""
-    for kind in type(module).__mro__:
-        if kind in _ADAPTERS:
-            return _ADAPTERS[kind]()
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]()
     return None
 

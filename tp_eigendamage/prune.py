@@ -1,120 +1,132 @@
-"""The one-call driver: statistics → (KFE) → Torch-Pruning → (compensation) → fold → report.
+"""The one-call driver: statistics → (KFE) → Torch-Pruning → (compensation) → forms → report.
 
 Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 
-1. collect K-FAC statistics on the model as it is now (``collect_kfac``);
-2. ``method="eigendamage"``: rewrite (or re-rotate) layers in the KFE (``to_kfe``);
-3. score every Torch-Pruning group of the model ONCE (``BasePruner`` on the model itself);
+1. collect the method's statistics on the model as it is now (K-FAC factors for the
+   second-order methods; :mod:`tp_eigendamage.methods`);
+2. ``method="eigendamage"``: eigendecompose the factors and rewrite (or re-rotate) layers in
+   the KFE (``to_kfe``);
+3. score every Torch-Pruning group of the model ONCE;
 4. find how many channels to remove so that the model lands on this round's budget
-   (``target^(r/k)`` of the original parameters / FLOPs, or Torch-Pruning's ``pruning_ratio``
-   schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (parameters on the
-   ``meta`` device, no arithmetic) and counted there (:func:`tp_eigendamage.budget.search_ratio`);
-5. remove them from the model with the scored pruner, never more than ``max_layer_ratio`` of
-   any layer's original channels / directions; ``kron_obs`` first applies the K-FAC OBS
-   compensation to the consumer layers;
-6. fold KFE blocks whose bottleneck does not pay (``fold_kfe``), then ``finetune(model, r)``.
+   (``target^(r/k)`` of the original parameters / FLOPs / latency, or Torch-Pruning's
+   ``pruning_ratio`` schedule): each candidate is pruned on a SHAPE-ONLY twin of the model, its
+   KFE blocks stored as in step 6, and counted there (:func:`tp_eigendamage.budget.search_ratio`);
+   for a latency target the twin holds real tensors and is timed next to the unpruned model;
+5. remove them from the model, never more than ``max_layer_ratio`` of any layer's original
+   channels / directions; ``kron_obs`` first applies the K-FAC OBS compensation to the
+   consumer layers;
+6. store each KFE block in its cheapest form by ``form_cost`` (:func:`~tp_eigendamage.to_cheapest_forms`):
+   before the last round a block stays a block (the next round re-rotates it) or is folded
+   into one dense layer; after the last round it may also take a two-layer form. Then
+   ``finetune(model, r)``.
 
-A twin runs the same Torch-Pruning code on the same shapes with the cached scores, so it
-costs exactly what the model costs after the same pruning. Models whose forward cannot run on
-the ``meta`` device get twins with real (copied) tensors instead.
+The report's ``timings`` split the wall time into these stages, plus the latency measurements
+(the unpruned and the pruned model, timed side by side at the end, for every target).
 
-The user's model is changed only on success: a deep copy is taken first, and if any step
-raises, the model's submodules, parameters and buffers are put back from that copy (the
-top-level object stays the same; its submodules are the copy's) before the error propagates.
+What happens to the user's model:
+
+* all work is done on a private deep copy (parameters, buffers, ``.grad``, hooks; module
+  references in ``ignored_layers`` and Torch-Pruning options follow it). If anything raises,
+  the copy is dropped and the user's model was never touched: the same Parameter / buffer /
+  module objects, values, ``.grad``, flags, modes and hooks.
+* on success the result moves into the user's model object: it stays the object the user
+  holds, its submodules, parameters and buffers become the pruned ones (so an optimizer built
+  before must be rebuilt; ``finetune(model, round)`` receives the working copy and must build
+  its optimizer inside, as :func:`~tp_eigendamage.training.finetune_callback` does).
+* every module keeps its ``training`` flag and every parameter its ``requires_grad``, matched by
+  qualified name; modules created on the way (KFE parts, folded layers) take those of the
+  layer they replace (:func:`~tp_eigendamage._model_state.adopt_modes_flags_hooks`). Frozen
+  layers are pruned like any other (unless listed in ``ignored_layers``) and stay frozen.
+* hooks: each module with an original of the same name carries the user's very hook tables,
+  a KFE block or folded layer those of the layer it replaced (:mod:`tp_eigendamage.kfe`).
+* the layers producing the model's outputs (:func:`~tp_eigendamage.heads.output_layers`)
+  never lose output channels.
+
 Errors raised by Torch-Pruning while tracing or pruning, and a pruned model that no longer
-runs, become a :class:`PruningError` naming the stage and the innermost failing module.
+runs, become a :class:`~tp_eigendamage.errors.PruningError` naming the stage and the
+innermost failing module.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
-import math
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+import time
+import warnings
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from . import importance as imp_mod
-from .budget import Cost, TargetUnreachableError, measure_cost, search_ratio
-from .damage import obs_compensation
-from .diag_fisher import collect_fisher_diag
-from .kfac import KFACError, StaleStatisticsError, collect_kfac, default_forward_fn, to_device
-from .kfe import KFEBlock, KFEError, fold_kfe, kfe_blocks, to_kfe
+from . import _tp
+from ._model_state import adopt_modes_flags_hooks
+from ._options import FisherType, check_choice
+from ._passes import check_data, is_one_shot
+from ._round import PruneConfig, Round, checked_cost, latency_fraction, store_forms
+from .batches import Inputs, default_batch_fn, default_forward_fn
+from .budget import search_ratio
+from .eigen import PRECISIONS, Precision
+from .errors import PruneArgumentError
+from .forms import COSTS
+from .heads import output_layers, unique_modules
+from .kfac import MAX_FACTOR_DIM
+from .kfe import kfe_blocks, kfe_targets, to_kfe
+from .latency import latency_clock, measure_latency
 from .layers import adapter_for
-from .report import build_report, layer_stats
+from .methods import METHODS, get_method
+from .report import PruneReport, build_report, layer_stats
 
-METHODS = ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
+__all__ = ["prune", "STAGES"]
+
+#: The stages ``PruneReport.timings`` splits the wall time into (seconds each).
+STAGES = ("statistics", "eigendecomposition", "rewrite", "scoring", "ratio_search", "pruning", "fold",
+          "latency")
+
 _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterative_steps",
                       "max_pruning_ratio", "example_inputs", "model")
-#: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
-_MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
 
 
-class PruneArgumentError(ValueError):
-    """Bad arguments to :func:`prune`; raised before any work starts."""
+#: The cost KFE blocks' forms are chosen by, per budget (``form_cost=None``).
+FORM_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "target_latency": "latency",
+                       "pruning_ratio": "flops"}
+#: ``tolerance=None``: measured latency is noisier than a count.
+DEFAULT_TOLERANCE = {"target_latency": 0.05}
 
 
-class PruningError(RuntimeError):
-    """Torch-Pruning could not trace or prune the model, or the pruned model no longer runs."""
-
-
-def _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps, finetune,
-                max_layer_ratio, tp_kwargs) -> Tuple[str, float]:
-    given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_params", target_params),
-                               ("target_flops", target_flops)) if v is not None}
+def _check_args(targets: Dict[str, Optional[float]], method, iterative_steps, finetune,
+                max_layer_ratio, tolerance, form_cost, tp_kwargs) -> Tuple[str, float, float, str]:
+    """Validate ``prune()``'s arguments; returns ``(target name, value, tolerance, form cost)``."""
+    given = {k: v for k, v in targets.items() if v is not None}
     if len(given) != 1:
         raise PruneArgumentError(
-            f"pass exactly one of pruning_ratio, target_params, target_flops (got {sorted(given) or 'none'})")
-    (kind, value), = given.items()
+            f"pass exactly one of {', '.join(targets)} (got {sorted(given) or 'none'})")
+    (target, value), = given.items()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise PruneArgumentError(
-            f"{kind}={value!r} must be a fraction strictly between 0 and 1 "
-            + ("(the share of channels to remove)" if kind == "pruning_ratio"
-               else "(the share of the original cost to keep, e.g. 0.5)"))
-    if not (method in METHODS or isinstance(method, tp.importance.Importance)):
+            f"{target}={value!r} must be a fraction strictly between 0 and 1 "
+            + ("(the share of channels to REMOVE)" if target == "pruning_ratio"
+               else "(the share of the original cost to KEEP, e.g. 0.5)"))
+    if not (isinstance(method, tp.importance.Importance) or (isinstance(method, str) and method in METHODS)):
         raise PruneArgumentError(
-            f"method={method!r}: choose one of {METHODS} or pass a torch_pruning Importance instance")
+            f"method={method!r}: choose one of {', '.join(METHODS)} or pass a torch_pruning "
+            "Importance instance")
     if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
         raise PruneArgumentError(f"iterative_steps={iterative_steps!r} must be a positive integer")
     if finetune is not None and not callable(finetune):
         raise PruneArgumentError(
             f"finetune must be a callable finetune(model, round) or None, got {type(finetune).__name__}")
-    if isinstance(max_layer_ratio, bool) or not isinstance(max_layer_ratio, (int, float)) \
-            or not 0 < max_layer_ratio < 1:
-        raise PruneArgumentError(f"max_layer_ratio={max_layer_ratio!r} must be in (0, 1)")
+    tolerance = DEFAULT_TOLERANCE.get(target, 0.02) if tolerance is None else tolerance
+    for name, number in (("max_layer_ratio", max_layer_ratio), ("tolerance", tolerance)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < 1:
+            raise PruneArgumentError(f"{name}={number!r} must be in (0, 1)")
+    if form_cost is not None and form_cost not in COSTS:
+        raise PruneArgumentError(f"form_cost={form_cost!r}: choose one of {', '.join(COSTS)} (or None: "
+                                 "the budgeted cost)")
     clash = sorted(set(tp_kwargs) & set(_CONTROLLED_KWARGS))
     if clash:
         raise PruneArgumentError(
             f"{clash} are set by prune() itself; use its own arguments instead (target / "
             "pruning_ratio, method, ignored_layers, iterative_steps, max_layer_ratio, global_pruning)")
-    return kind, float(value)
-
-
-def _method_name(method) -> str:
-    return method if isinstance(method, str) else type(method).__name__
-
-
-_IMPORTANCES = {
-    "eigendamage": imp_mod.EigenDamageImportance,
-    "kron_obd": imp_mod.KroneckerOBDImportance,
-    # OBS compensation updates the consumers, so its score is the consumers' joint damage
-    "kron_obs": lambda stats: imp_mod.KroneckerOBSImportance(stats, side="consumer"),
-    "fisher_diag": imp_mod.FisherDiagImportance,
-}
-
-
-def _collect(method, model, data, stats_kwargs):
-    """This round's curvature: K-FAC factors, the diagonal Fisher, or nothing (tp criteria)."""
-    if method == "fisher_diag":
-        return collect_fisher_diag(model, data, **stats_kwargs)
-    return collect_kfac(model, data, **stats_kwargs) if method in _IMPORTANCES else None
-
-
-def _make_importance(method, stats):
-    return _IMPORTANCES[method](stats) if isinstance(method, str) else method
+    return target, float(value), float(tolerance), form_cost or FORM_COST_OF_TARGET[target]
 
 
 def _timm_integration(model: nn.Module):
@@ -125,20 +137,6 @@ def _timm_integration(model: nn.Module):
     return None
 
 
-def _kfe_part(name: str, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, str]]:
-    """``(block name, part)`` if ``name`` is a part (``rotate_in``/``core``/``rotate_out``) of a
-    KFE block in ``modules``, else None."""
-    parent, _, leaf = name.rpartition(".")
-    return (parent, leaf) if isinstance(modules.get(parent), KFEBlock) else None
-
-
-def _layer_name(model_names: Dict[int, str], module: nn.Module, modules: Dict[str, nn.Module]) -> str:
-    """Qualified name of the reported layer owning ``module`` (a KFE block for its parts)."""
-    name = model_names.get(id(module), "?")
-    part = _kfe_part(name, modules)
-    return part[0] if part else name
-
-
 def _original_channels(model: nn.Module) -> Dict[str, Tuple[int, int]]:
     out = {}
     for name, m in model.named_modules():
@@ -146,287 +144,6 @@ def _original_channels(model: nn.Module) -> Dict[str, Tuple[int, int]]:
         if a is not None:
             out[name] = (a.in_features(m), a.out_features(m))
     return out
-
-
-# -- errors from Torch-Pruning -----------------------------------------------------------------
-_OWN_ERRORS = (PruneArgumentError, PruningError, TargetUnreachableError, KFACError,
-               StaleStatisticsError, KFEError)
-
-
-def _failing_module(model: nn.Module, example_inputs) -> Optional[str]:
-    """``'name' (Type)`` of the innermost module running when ``model(example_inputs)`` raises;
-    None if the forward runs."""
-    names = {m: n for n, m in model.named_modules()}
-    stack: List[nn.Module] = []
-
-    def enter(module, args):
-        stack.append(module)
-
-    def leave(module, args, output):
-        stack.pop()
-
-    hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with torch.no_grad():
-            default_forward_fn(model, example_inputs)
-    except Exception:
-        return f"'{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})" if stack else "<model>"
-    finally:
-        for h in hooks:
-            h.remove()
-    return None
-
-
-@contextlib.contextmanager
-def _torch_pruning_errors(stage: str, model: nn.Module, example_inputs, hint: str = ""):
-    """Re-raise anything but this package's own errors as a :class:`PruningError` that names
-    ``stage`` and, if the model's forward fails, the innermost failing module."""
-    try:
-        yield
-    except _OWN_ERRORS:
-        raise
-    except Exception as exc:
-        where = _failing_module(model, example_inputs)
-        at = f"; the model's forward fails in {where}" if where else ""
-        raise PruningError(f"{stage} failed{at}: {type(exc).__name__}: {exc}. {hint}".rstrip()) from exc
-
-
-_IGNORE_HINT = ("Torch-Pruning cannot handle this layer or operation: add it (or its parent "
-                "module) to ignored_layers, or give Torch-Pruning customized_pruners / "
-                "unwrapped_parameters for it.")
-
-
-# -- one round's scores ------------------------------------------------------------------------
-class _RoundImportance(tp.importance.Importance):
-    """A criterion as one round of :func:`prune` uses it: capped, tie-broken and cached.
-
-    * Cap: in each group, the channels a member must keep (``ceil(original·(1 − cap))``, at
-      least 1) get score +∞, so Torch-Pruning's threshold never selects them. KFE parts
-      inherit the original layer's count: ``rotate_in`` and the core's input side count as
-      the layer's input, ``rotate_out`` and the core's output side as its output.
-    * Ties: exact ties (e.g. channels feeding a zero-initialised BatchNorm, whose damage is
-      exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude, far
-      below any damage float32 can tell apart from another.
-    * Cache: scores do not depend on the pruning amount, so every group is scored once per
-      round, on the model itself; shape-only twins (``for_twin``) read the cache (keyed by the
-      root layer's name and pruning function) and never score.
-    """
-
-    TIE_BREAK = 1e-20
-
-    def __init__(self, inner, cap: float, initial: Dict[str, Tuple[int, int]]):
-        self.inner, self.cap, self.initial = inner, cap, initial
-        self.magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
-        self.raw: Dict[tuple, Optional[torch.Tensor]] = {}      # the criterion's scores
-        self.scores: Dict[tuple, Optional[torch.Tensor]] = {}   # capped and tie-broken
-        self.scoring = True
-        self.DG, self.names, self.modules = None, {}, {}
-
-    def for_twin(self) -> "_RoundImportance":
-        """A read-only view of the cache for a twin of the model (attach it to the twin)."""
-        twin = copy.copy(self)
-        twin.scoring = False
-        return twin
-
-    def attach(self, model: nn.Module, DG) -> None:
-        self.DG = DG
-        self.modules = dict(model.named_modules())
-        self.names = {id(m): n for n, m in self.modules.items()}
-
-    def key(self, group) -> tuple:
-        root = group[0].dep
-        return self.names.get(id(root.target.module)), root.handler
-
-    def damage(self, group) -> Tuple[Optional[str], float]:
-        """``(reported layer, Σ criterion scores)`` of the channels a pruning ``group`` removes."""
-        raw = self.raw.get(self.key(group))
-        if raw is None:
-            return None, 0.0
-        name = _layer_name(self.names, group[0].dep.target.module, self.modules)
-        return name, float(raw[torch.as_tensor(group[0].idxs, dtype=torch.long)].sum())
-
-    def __call__(self, group):
-        key = self.key(group)
-        if key not in self.scores:
-            if not self.scoring:
-                raise RuntimeError(f"internal error: group rooted at {key[0]!r} was not scored "
-                                   "on the model before the budget search")
-            self._score(key, group)
-        return self.scores[key]
-
-    def _must_keep(self, group) -> int:
-        """How many of the group's root channels must survive for every member's cap."""
-        n_root, keep = len(group[0].idxs), 1
-        for dep, idxs in group:
-            module = dep.target.module
-            a = adapter_for(module) if isinstance(module, nn.Module) else None
-            if a is None or not idxs:
-                continue
-            is_out = self.DG.is_out_channel_pruning_fn(dep.handler)
-            if not (is_out or self.DG.is_in_channel_pruning_fn(dep.handler)):
-                continue
-            original = self._original(module, is_out)
-            if original is None:
-                continue
-            current = a.out_features(module) if is_out else a.in_features(module)
-            member_keep = max(1, math.ceil(original * (1 - self.cap)))
-            keep = max(keep, math.ceil(member_keep * n_root / max(current, 1)))
-        return min(keep, n_root)
-
-    def _original(self, module: nn.Module, is_out: bool) -> Optional[int]:
-        name = self.names.get(id(module), "")
-        part = _kfe_part(name, self.modules)
-        if part and part[0] in self.initial:
-            name, is_out = part[0], {"rotate_in": False, "rotate_out": True}.get(part[1], is_out)
-        return self.initial[name][1 if is_out else 0] if name in self.initial else None
-
-    def _score(self, key, group) -> None:
-        raw = self.inner(group)
-        self.raw[key] = self.scores[key] = None
-        if raw is None:
-            return
-        self.raw[key] = raw = raw.detach().float().cpu()
-        scores = raw.clone()
-        magnitude = self.magnitude(group)
-        if magnitude is not None:
-            scores += self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
-        scores[torch.topk(scores, self._must_keep(group)).indices] = float("inf")
-        self.scores[key] = scores
-
-
-# -- pruning a model (or its twin) at a channel ratio ------------------------------------------
-@dataclass
-class _Setup:
-    """What every round needs besides the model and its statistics."""
-
-    example_inputs: object
-    method: object
-    ignored: List[nn.Module]
-    cap: float
-    initial: Dict[str, Tuple[int, int]]
-    global_pruning: bool
-    tp_kwargs: dict
-    timm_helper: object
-
-
-def _pruner(model, example_inputs, importance, ignored, tp_kwargs, setup: _Setup, ratio: float):
-    kwargs = dict(setup.timm_helper.pruner_kwargs(model)) if setup.timm_helper else {}
-    ignored = list(ignored) + list(kwargs.pop("ignored_layers", []))
-    kwargs.update(tp_kwargs)
-    kwargs.update({k: dict(kwargs.get(k) or {}) for k in _MUTATED_KWARGS})
-    pruner = tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
-                                  global_pruning=setup.global_pruning, ignored_layers=ignored, **kwargs)
-    importance.attach(model, pruner.DG)
-    return pruner
-
-
-def _groups_at(pruner, ratio: float):
-    """The groups ``pruner`` removes at channel ratio ``ratio``, created one at a time (a
-    generator: prune each before asking for the next, as Torch-Pruning's own ``step()`` does —
-    concatenations map indices through the CURRENT shapes)."""
-    pruner.reset()
-    pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
-    return pruner.step(interactive=True)
-
-
-def _remove(model, pruner, ratio: float, setup: _Setup, names: Dict[int, str],
-            before_each: Callable = lambda group: None) -> None:
-    """Prune at channel ``ratio`` group by group, fix timm attention, fold unprofitable KFE blocks."""
-    for group in _groups_at(pruner, ratio):
-        before_each(group)
-        root = group[0].dep.target.module
-        with _torch_pruning_errors(f"removing channels of '{names.get(id(root), '?')}' "
-                                   f"({type(root).__name__}) and the layers coupled to it",
-                                   model, setup.example_inputs, _IGNORE_HINT):
-            group.prune()
-    if setup.timm_helper:
-        setup.timm_helper.fix_attention_after_pruning(model, pruner.num_heads)
-    fold_kfe(model, only_unprofitable=True)
-
-
-def _checked_cost(model, example_inputs) -> Cost:
-    with _torch_pruning_errors("running the pruned model", model, example_inputs, _IGNORE_HINT):
-        return measure_cost(model, example_inputs)
-
-
-def _twin(model: nn.Module, extra, meta: bool):
-    """Deep copy of ``(model, extra)``; ``meta=True`` puts parameters and buffers on the meta
-    device (shapes only: no storage is copied and no arithmetic is done)."""
-    memo: dict = {}
-    if meta:
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            memo[id(t)] = (nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
-                           if isinstance(t, nn.Parameter) else t.detach().to("meta"))
-    return copy.deepcopy((model, extra), memo)
-
-
-class _Round:
-    """One round on ``model``: one pruner, every group scored once, candidates measured on twins."""
-
-    def __init__(self, model: nn.Module, stats, setup: _Setup):
-        self.model, self.setup = model, setup
-        self.importance = _RoundImportance(_make_importance(setup.method, stats), setup.cap, setup.initial)
-        with _torch_pruning_errors("tracing the model with Torch-Pruning", model, setup.example_inputs,
-                                   _IGNORE_HINT):
-            self.pruner = _pruner(model, setup.example_inputs, self.importance, setup.ignored,
-                                  setup.tp_kwargs, setup, 0.0)
-        list(_groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
-        self.meta = True
-        self.trials = 0
-
-    def cost_at(self, ratio: float) -> Cost:
-        """What the model would cost after this round's pruning at channel ``ratio``."""
-        self.trials += 1
-        if self.meta:
-            try:
-                return self._twin_cost(ratio, meta=True)
-            except Exception:   # a forward that needs real values: measure on real copies
-                self.meta = False
-        return self._twin_cost(ratio, meta=False)
-
-    def _twin_cost(self, ratio: float, meta: bool) -> Cost:
-        twin, (ignored, tp_kwargs) = _twin(self.model, (self.setup.ignored, self.setup.tp_kwargs), meta)
-        inputs = to_device(self.setup.example_inputs, "meta") if meta else self.setup.example_inputs
-        importance = self.importance.for_twin()
-        with _torch_pruning_errors("tracing the model with Torch-Pruning", twin, inputs, _IGNORE_HINT):
-            pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.setup, ratio)
-        _remove(twin, pruner, ratio, self.setup, importance.names)
-        return _checked_cost(twin, inputs)
-
-    def apply(self, ratio: float, stats) -> Dict[str, float]:
-        """Prune the model at channel ``ratio``; returns the predicted damage per reported layer.
-
-        ``kron_obs`` first compensates every consumer for ALL its removed inputs at once (the
-        groups listed on the unpruned model), then the same groups are pruned one by one.
-        """
-        if self.setup.method == "kron_obs":
-            _compensate(list(_groups_at(self.pruner, ratio)), self.pruner.DG, stats)
-        damages: Dict[str, float] = {}
-
-        def record(group):
-            name, value = self.importance.damage(group)
-            if name is not None:
-                damages[name] = damages.get(name, 0.0) + value
-
-        _remove(self.model, self.pruner, ratio, self.setup, self.importance.names, record)
-        return damages
-
-
-def _compensate(groups, DG, stats):
-    """Apply the joint K-FAC OBS update to every consumer layer before its inputs go."""
-    removed: Dict[nn.Module, List[int]] = {}
-    for group in groups:
-        for dep, idxs in group:
-            m = dep.target.module
-            if DG.is_in_channel_pruning_fn(dep.handler) and m in stats and adapter_for(m) is not None:
-                removed.setdefault(m, []).extend(int(i) for i in idxs)
-    for m, idxs in removed.items():
-        obs_compensation(m, stats[m], sorted(set(idxs)))
-
-
-def _restore(model: nn.Module, backup: nn.Module) -> None:
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
 
 
 def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
@@ -440,14 +157,86 @@ def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
     return ignored
 
 
+def _check_data(data, method, iterative_steps: int) -> None:
+    """The data must be batches, and readable once per round."""
+    if method.statistics is None:
+        return
+    check_data(data, PruneArgumentError)
+    if iterative_steps > 1 and is_one_shot(data):
+        raise PruneArgumentError(
+            f"data is a one-shot iterator ({type(data).__name__}), but iterative_steps="
+            f"{iterative_steps} collects statistics once per round; pass a list of batches or a "
+            "DataLoader, which can be read again")
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (``OptimizedModule``, which holds the module as ``_orig_mod``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module to prune: a ``torch.compile`` wrapper is unwrapped (with a warning); compiled
+    submodules are refused; modules compiled in place (``module.compile()``) run eagerly."""
+    if _is_compiled(model):
+        warnings.warn("prune() got a torch.compile'd model: it prunes the module it wraps "
+                      "(model._orig_mod) and returns that module, uncompiled; call torch.compile "
+                      "on the result again", stacklevel=3)
+        model = model._orig_mod
+    for name, module in model.named_modules():
+        if _is_compiled(module):
+            raise PruneArgumentError(
+                f"'{name}' is a torch.compile'd submodule (OptimizedModule); prune the plain model "
+                f"(put '{name}._orig_mod' in its place), then compile again")
+    if any(m._compiled_call_impl is not None for m in model.modules()):
+        warnings.warn("the model was compiled in place (module.compile()); prune() runs it eagerly "
+                      "and returns it uncompiled: call .compile() on the result again", stacklevel=3)
+    return model
+
+
+def _private_copy(model: nn.Module, ignored: List[nn.Module], tp_kwargs: dict):
+    """A deep copy of ``(model, ignored, tp_kwargs)`` (module references follow the copy).
+    Copies run eagerly: ``nn.Module`` does not copy the code of ``module.compile()``."""
+    try:
+        return copy.deepcopy((model, ignored, tp_kwargs))
+    except Exception as exc:
+        raise PruneArgumentError(
+            f"the model cannot be deep-copied ({type(exc).__name__}: {exc}); prune() works on a "
+            "private copy so that a failure leaves your model untouched: remove the attribute "
+            "that cannot be copied (e.g. an open file or a lock)") from exc
+
+
+def _move_into(model: nn.Module, result: nn.Module) -> None:
+    """Make the user's ``model`` object hold ``result``: its state, submodules, parameters and
+    buffers, with the user's hooks, modes and flags (module docstring)."""
+    adopt_modes_flags_hooks(result, model, hooks=True)
+    model.__dict__.clear()    # also drops compiled code (``module.compile()``)
+    model.__dict__.update(result.__dict__)
+
+
+class _Stopwatch:
+    """Wall time per stage of :data:`STAGES`, summed over rounds."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
 def prune(
     model: nn.Module,
     data: Iterable,
-    example_inputs,
+    example_inputs: Inputs,
     *,
     pruning_ratio: Optional[float] = None,
     target_params: Optional[float] = None,
     target_flops: Optional[float] = None,
+    target_latency: Optional[float] = None,
     method: Union[str, tp.importance.Importance] = "eigendamage",
     iterative_steps: int = 1,
     finetune: Optional[Callable[[nn.Module, int], None]] = None,
@@ -455,83 +244,172 @@ def prune(
     max_layer_ratio: float = 0.95,
     global_pruning: bool = True,
     num_batches: Optional[int] = None,
-    fisher_type: str = "true",
+    batch_fn: Callable = default_batch_fn,
+    forward_fn: Callable = default_forward_fn,
+    fisher_type: FisherType = "true",
     loss_fn: Optional[Callable] = None,
     sample_fn: Optional[Callable] = None,
-    tolerance: float = 0.02,
+    tolerance: Optional[float] = None,
+    form_cost: Optional[str] = None,
+    eigen_precision: Precision = "float64",
     progress: bool = True,
+    max_factor_dim: int = MAX_FACTOR_DIM,
     **tp_kwargs,
-):
-    """Prune ``model`` in place with a second-order criterion; returns ``(model, report)``.
+) -> Tuple[nn.Module, PruneReport]:
+    """Prune ``model`` in place with a second-order (or any Torch-Pruning) criterion.
 
     Args:
-        model: the model; changed in place on success, left as it was on failure.
-        data: batches for the statistics (see :func:`collect_kfac`).
+        model: the model; changed in place on success, never touched on failure (module
+            docstring). A ``torch.compile``'d model is pruned through the module it wraps
+            (``model._orig_mod``), which is returned uncompiled.
+        data: batches for the statistics (see :func:`~tp_eigendamage.collect_kfac`).
         example_inputs: an input batch for Torch-Pruning's tracing and FLOP counting.
-        pruning_ratio / target_params / target_flops: exactly one. ``pruning_ratio`` has
-            Torch-Pruning's meaning (share of channels removed); the targets are the share of
-            the ORIGINAL parameters / FLOPs to keep, counting KFE rotation layers, reached
-            within ``tolerance`` (relative).
-        method: "eigendamage" (KFE + EigenDamageImportance), "kron_obd", "kron_obs" (with
-            OBS weight compensation), "fisher_diag", or any Torch-Pruning ``Importance``.
-        iterative_steps: rounds of statistics → prune → ``finetune(model, round)``.
-        ignored_layers: layers never pruned (timm classifiers are added automatically).
+        pruning_ratio: Torch-Pruning's meaning: the share of channels to REMOVE.
+        target_params: the share of the ORIGINAL parameters to KEEP (KFE rotations counted),
+            reached within ``tolerance`` (relative).
+        target_flops: the share of the ORIGINAL FLOPs to KEEP, likewise.
+        target_latency: the share of the ORIGINAL model's measured latency to KEEP: seconds per
+            forward pass on ``example_inputs`` on the model's device, in eval mode, timed next to
+            the unpruned model (:func:`~tp_eigendamage.latency.measure_latency`). Every trial of
+            the search prunes a real copy and times it. Pass exactly one of ``pruning_ratio``,
+            ``target_params``, ``target_flops``, ``target_latency``.
+        method: a name from :data:`tp_eigendamage.methods.METHODS` — "eigendamage" (KFE +
+            EigenDamageImportance), "kron_obd", "kron_obs" (with OBS weight compensation),
+            "fisher_diag", or Torch-Pruning's "magnitude", "taylor", "bn_scale", "random" —
+            or any Torch-Pruning ``Importance`` instance.
+        iterative_steps: rounds of statistics → prune → ``finetune(model, round)``; above 1,
+            ``data`` must be readable once per round (a list or DataLoader, not a generator).
+        finetune: ``finetune(model, round)`` called after each round, or ``None``. It gets the
+            working copy of the model (the user's object receives it at the end): build any
+            optimizer inside ``finetune``.
+        ignored_layers: layers whose output channels are never removed. The layers producing
+            the model's outputs are added automatically (found in the traced graph).
         max_layer_ratio: no layer loses more than this share of its original channels.
-        global_pruning, **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner``.
-        num_batches, fisher_type, loss_fn, sample_fn: passed to :func:`collect_kfac`.
+        global_pruning: rank all groups in one list (loss-unit criteria) or per layer.
+        num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress,
+            max_factor_dim: the statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
+        tolerance: relative tolerance of the target; default 0.02 for parameters and FLOPs,
+            0.05 for latency (a measurement, noisier than a count).
+        form_cost: what each kept KFE block's storage form is chosen by after the last round
+            (:func:`~tp_eigendamage.to_cheapest_forms`): ``"params"``, ``"flops"`` or
+            ``"latency"``. Default: the budgeted cost — parameters for ``target_params``, FLOPs
+            for ``target_flops`` and for ``pruning_ratio``, latency for ``target_latency``. By
+            another cost, the budgeted cost jumps where a block changes form: a looser
+            ``tolerance`` may be needed.
+        eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
+            (:mod:`tp_eigendamage.eigen`).
+        **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
+            ``unwrapped_parameters``, ``customized_pruners``).
+
+    Returns:
+        ``(model, report)``: the same model object, pruned, and a
+        :class:`~tp_eigendamage.PruneReport`.
 
     Raises:
-        PruneArgumentError: bad arguments (before any work).
-        TargetUnreachableError: the target cannot be met within the caps and ``tolerance``.
+        PruneArgumentError: bad arguments or data (before any work).
+        TargetUnreachableError: the target cannot be met within the caps and ``tolerance``, or
+            nothing can be pruned (every layer produces an output or is ignored).
         PruningError: Torch-Pruning cannot trace / prune the model (names the module).
+        KFACError, KFEError, StaleStatisticsError: from the statistics pass and the KFE rewrite.
     """
-    kind, value = _check_args(pruning_ratio, target_params, target_flops, method,
-                              iterative_steps, finetune, max_layer_ratio, tp_kwargs)
-    ignored = _resolve_ignored(model, ignored_layers)
-    stats_kwargs = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
-                        sample_fn=sample_fn, progress=progress)
-    setup = _Setup(example_inputs=example_inputs, method=method, ignored=ignored, cap=max_layer_ratio,
-                   initial=_original_channels(model), global_pruning=global_pruning,
-                   tp_kwargs=tp_kwargs, timm_helper=_timm_integration(model))
-    backup = copy.deepcopy(model)
-    try:
-        return _run(model, data, kind, value, iterative_steps, finetune, setup, stats_kwargs, tolerance)
-    except BaseException:
-        _restore(model, backup)
-        raise
+    target, value, tolerance, form_cost = _check_args(
+        dict(pruning_ratio=pruning_ratio, target_params=target_params, target_flops=target_flops,
+             target_latency=target_latency), method, iterative_steps, finetune, max_layer_ratio, tolerance,
+        form_cost, tp_kwargs)
+    if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
+        raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
+    check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
+    method = get_method(method)
+    _check_data(data, method, iterative_steps)
+    model = _uncompiled(model)
+    work, ignored, tp_kwargs = _private_copy(model, _resolve_ignored(model, ignored_layers), tp_kwargs)
+    with _tp.pruning_errors("tracing the model with Torch-Pruning", work, example_inputs):
+        outputs = output_layers(work, example_inputs, **tp_kwargs)
+    stats_options = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
+                         sample_fn=sample_fn, batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
+                         max_factor_dim=max_factor_dim)
+    config = PruneConfig(example_inputs=example_inputs, method=method, ignored=unique_modules(ignored + outputs),
+                         outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
+                         global_pruning=global_pruning, tp_kwargs=tp_kwargs,
+                         timm_helper=_timm_integration(work), eigen_precision=eigen_precision,
+                         form_cost=form_cost, unpruned=model)
+    report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
+    _move_into(model, work)
+    return model, report
 
 
-def _run(model, data, kind, value, k, finetune, setup: _Setup, stats_kwargs, tolerance):
-    before_layers, before = layer_stats(model, setup.example_inputs)
-    current, exponent = before, 2.0
+def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwatch) -> int:
+    """Eigendecompose the factors of the layers to rewrite, then rewrite them (none if no layer
+    is eligible: everything is then scored in channel space); returns the number of new blocks."""
+    targets = kfe_targets(model, stats, skip=config.ignored)
+    with clock.stage("eigendecomposition"):
+        stats.eigendecompose(targets, config.eigen_precision)
+    blocks_before = {id(b) for _, b in kfe_blocks(model)}
+    with clock.stage("rewrite"):
+        if targets:
+            to_kfe(model, stats, modules=targets)
+    return sum(id(b) not in blocks_before for _, b in kfe_blocks(model))
+
+
+def _search(round_: Round, target: str, value: float, start: float, exponent: float, tolerance: float,
+            config: PruneConfig, before) -> Tuple[float, float, float]:
+    """``(channel ratio, fraction reached, exponent)`` of this round (:func:`search_ratio`)."""
+    if target == "target_latency":
+        achieved = round_.latency_at
+    else:
+        metric = "params" if target == "target_params" else "flops"
+        achieved = lambda x: round_.cost_at(x).fraction_of(before, metric)  # noqa: E731
+    return search_ratio(achieved, value, start=start, exponent=exponent, tolerance=tolerance,
+                        max_ratio=config.cap * 0.99)
+
+
+def _run(model, original, data, target, value, k, finetune, config: PruneConfig, stats_options,
+         tolerance) -> PruneReport:
+    """The rounds, on ``model`` (the working copy of ``original``)."""
+    clock = _Stopwatch()
+    before_layers, before = layer_stats(model, config.example_inputs)
+    current, latency_now, exponent = before, 1.0, 2.0
     damages: Dict[str, float] = {}
     rounds, blocks_built = [], 0
+    method = config.method
     for r in range(1, k + 1):
-        stats = _collect(setup.method, model, data, stats_kwargs)
-        if setup.method == "eigendamage":
-            blocks_before = {id(b) for _, b in kfe_blocks(model)}
-            to_kfe(model, stats, skip=setup.ignored)
-            blocks_built += sum(id(b) not in blocks_before for _, b in kfe_blocks(model))
-        round_ = _Round(model, stats, setup)
-        if kind == "pruning_ratio":
-            keep_prev, keep_now = 1 - value * (r - 1) / k, 1 - value * r / k
-            ratio = 1 - keep_now / keep_prev
-        else:
-            metric = "params" if kind == "target_params" else "flops"
-            ratio, _, exponent = search_ratio(
-                lambda x: round_.cost_at(x).fraction_of(before, metric), value ** (r / k),
-                start=current.fraction_of(before, metric), exponent=exponent,
-                tolerance=tolerance, max_ratio=setup.cap * 0.99)
-        round_damage = round_.apply(ratio, stats)
+        with clock.stage("statistics"):
+            stats = method.statistics(model, data, stats_options) if method.statistics else None
+        if method.kfe:
+            blocks_built += _rewrite_in_kfe(model, stats, config, clock)
+        with clock.stage("scoring"):
+            round_ = Round(model, stats, config, final=r == k)
+        with clock.stage("ratio_search"):
+            searched = None
+            if target == "pruning_ratio":
+                keep_prev, keep_now = 1 - value * (r - 1) / k, 1 - value * r / k
+                ratio = 1 - keep_now / keep_prev
+            else:
+                start = {"target_params": current.fraction_of(before, "params"), "target_latency": latency_now,
+                         "target_flops": current.fraction_of(before, "flops")}[target]
+                ratio, searched, exponent = _search(round_, target, value ** (r / k), start, exponent,
+                                                    tolerance, config, before)
+        with clock.stage("pruning"):
+            round_damage = round_.apply(ratio, stats)
+        with clock.stage("fold"):
+            store_forms(model, config, config.example_inputs, final=r == k)
         for name, d in round_damage.items():
             damages[name] = damages.get(name, 0.0) + d
-        current = _checked_cost(model, setup.example_inputs)
+        adopt_modes_flags_hooks(model, original, hooks=False)
+        current = checked_cost(model, config.example_inputs)
         rounds.append({"round": r, "channel_ratio": ratio, "params_fraction": current.fraction_of(before, "params"),
                        "flops_fraction": current.fraction_of(before, "flops"),
-                       "predicted_damage": sum(round_damage.values()), "search_trials": round_.trials})
+                       "predicted_damage": sum(round_damage.values()), "search_trials": round_.trials,
+                       "searched_fraction": searched})
+        if target == "target_latency" and r < k:
+            with clock.stage("latency"):
+                latency_now = rounds[-1]["latency_fraction"] = latency_fraction(model, config)
         if finetune is not None:
             finetune(model, r)
-    after_layers, after = layer_stats(model, setup.example_inputs)
-    report = build_report(_method_name(setup.method), before_layers, after_layers, before, after,
-                          damages, rounds, kfe_blocks_built=blocks_built)
-    return model, report
+    after_layers, after = layer_stats(model, config.example_inputs)
+    with clock.stage("latency"):
+        latency = measure_latency([original, model], config.example_inputs)
+    return build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
+                        kfe_blocks_built=blocks_built, timings=dict(clock.seconds),
+                        target={target: value}, loss_units=method.loss_units, latency=latency,
+                        latency_clock=latency_clock(config.example_inputs, [model]))

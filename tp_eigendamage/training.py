@@ -18,25 +18,21 @@ import contextlib
 import copy
 import itertools
 import math
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Literal, Optional, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-SCHEDULES = ("cosine", "constant")
+from ._model_state import model_device, restored_modes
+from ._options import check_choice
+from .errors import InvalidArgumentError, TrainingDivergedError
 
+__all__ = ["train", "evaluate", "finetune_callback", "SCHEDULES"]
 
-@contextlib.contextmanager
-def _modes_restored(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's ``training`` flag on exit (also after an exception)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+Schedule = Literal["cosine", "constant"]
+SCHEDULES = get_args(Schedule)
 
 
 @contextlib.contextmanager
@@ -49,23 +45,16 @@ def _restored_on_error(model: nn.Module, state: dict) -> Iterator[None]:
         raise
 
 
-def _model_device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _steps_per_epoch(loader: Iterable, max_batches: Optional[int]) -> int:
     if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches={max_batches} must be >= 1 (or None for the whole loader)")
+        raise InvalidArgumentError(f"max_batches={max_batches} must be >= 1 (or None for the whole loader)")
     if not hasattr(loader, "__len__"):
         if max_batches is None:
-            raise ValueError("the loader has no len(); pass max_batches= to fix the epoch length")
+            raise InvalidArgumentError("the loader has no len(); pass max_batches= to fix the epoch length")
         return max_batches
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
     if steps == 0:
-        raise ValueError("the loader is empty; give a dataset with at least one batch")
+        raise InvalidArgumentError("the loader is empty; give a dataset with at least one batch")
     return steps
 
 
@@ -84,7 +73,7 @@ def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
 
 
 def train(model: nn.Module, loader: Iterable, *, epochs: int = 1, lr: float = 0.05,
-          weight_decay: float = 1e-4, momentum: float = 0.9, schedule: str = "cosine",
+          weight_decay: float = 1e-4, momentum: float = 0.9, schedule: Schedule = "cosine",
           device=None, progress: bool = True, max_batches: Optional[int] = None,
           seed: Optional[int] = None, loss_fn: Callable = F.cross_entropy) -> List[float]:
     """Train ``model`` in place with SGD; returns the mean training loss of each epoch.
@@ -96,22 +85,21 @@ def train(model: nn.Module, loader: Iterable, *, epochs: int = 1, lr: float = 0.
     to their values on entry before the error propagates.
     """
     if epochs < 0:
-        raise ValueError(f"epochs={epochs} must be >= 0")
+        raise InvalidArgumentError(f"epochs={epochs} must be >= 0")
     if lr <= 0:
-        raise ValueError(f"lr={lr} must be > 0")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        raise InvalidArgumentError(f"lr={lr} must be > 0")
+    check_choice(schedule, "schedule", SCHEDULES)
     steps = _steps_per_epoch(loader, max_batches)
     if epochs == 0:
         return []
     if seed is not None:
         _seed_everything(loader, seed)
-    device = _model_device(model, device)
+    device = model_device(model, device)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(schedule, epochs * steps))
     history, initial = [], copy.deepcopy(model.state_dict())
-    with _restored_on_error(model, initial), _modes_restored(model), tqdm(total=epochs * steps, desc="train", disable=not progress,
+    with _restored_on_error(model, initial), restored_modes(model), tqdm(total=epochs * steps, desc="train", disable=not progress,
                                       leave=False) as bar:
         model.train()
         for epoch in range(epochs):
@@ -120,7 +108,7 @@ def train(model: nn.Module, loader: Iterable, *, epochs: int = 1, lr: float = 0.
                 inputs, targets = inputs.to(device), targets.to(device)
                 loss = loss_fn(model(inputs), targets)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}; "
+                    raise TrainingDivergedError(f"training loss became {loss.item()} in epoch {epoch + 1}; "
                                              f"lower the learning rate (lr={lr})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -143,10 +131,10 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, *, max_batches: Op
     must accept ``reduction="sum"`` (as ``F.cross_entropy`` does).
     """
     steps = _steps_per_epoch(loader, max_batches)
-    device = _model_device(model, device)
+    device = model_device(model, device)
     model.to(device)
     correct, loss_sum, count = 0, 0.0, 0
-    with _modes_restored(model):
+    with restored_modes(model):
         model.eval()
         for inputs, targets in itertools.islice(loader, steps):
             inputs, targets = inputs.to(device), targets.to(device)
@@ -165,7 +153,7 @@ def finetune_callback(loader: Iterable, *, epochs: int = 1, lr: float = 0.01, se
     with ``seed + r`` so every round is reproducible.
     """
     if epochs < 0:
-        raise ValueError(f"epochs={epochs} must be >= 0")
+        raise InvalidArgumentError(f"epochs={epochs} must be >= 0")
 
     def finetune(model: nn.Module, round_index: int) -> List[float]:
         round_seed = None if seed is None else seed + round_index

@@ -1,6 +1,7 @@
 """What Torch-Pruning needs to know about a timm model, and the fix-up after pruning.
 
-* :func:`classifier_layers` — the heads to keep (``get_classifier()``, DeiT's ``head_dist``);
+* :func:`~tp_eigendamage.heads.classifier_layers` — the heads to keep (``get_classifier()``,
+  DeiT's ``head_dist``);
 * :func:`attention_num_heads` — ``{qkv Linear: num_heads}`` for ``BasePruner(num_heads=...)``;
 * :func:`ignored_layers` / :func:`pruner_kwargs` — everything above as ``BasePruner`` kwargs;
 * :func:`fix_attention_after_pruning` — makes attention modules agree with their pruned
@@ -23,32 +24,14 @@ import torch
 import torch.nn as nn
 from timm.layers.attention import Attention
 
-from ..kfe import KFEBlock
+from ..errors import InvalidArgumentError
+from ..heads import classifier_layers, unique_modules
+from ..kfe_block import KFEBlock
+
+__all__ = ["classifier_layers", "is_supported_attention", "supported_attention", "attention_num_heads",
+           "ignored_layers", "pruner_kwargs", "fix_attention_after_pruning", "HEAD_PROJECTION_NAMES"]
 
 HEAD_PROJECTION_NAMES = ("qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "gate")
-
-
-def _unique(modules) -> List[nn.Module]:
-    seen, out = set(), []
-    for m in modules:
-        if id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
-
-
-def classifier_layers(model: nn.Module) -> List[nn.Module]:
-    """The classification heads (``get_classifier()`` and ``head_dist`` if present).
-
-    Heads without parameters (``nn.Identity`` when ``num_classes=0``) are left out.
-    """
-    if not hasattr(model, "get_classifier"):
-        raise TypeError(f"{type(model).__name__} has no get_classifier(), so it is not a timm model; "
-                        "pass the layers to keep as ignored_layers yourself")
-    heads = model.get_classifier()
-    heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
-    heads.append(getattr(model, "head_dist", None))
-    return _unique(h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters()))
 
 
 def _qkv_output_layer(attention: nn.Module) -> nn.Module:
@@ -85,7 +68,7 @@ def _fixed_head_projections(model: nn.Module) -> List[nn.Module]:
 
 def ignored_layers(model: nn.Module) -> List[nn.Module]:
     """Layers Torch-Pruning must not shrink: the heads and unsupported attention projections."""
-    return _unique(classifier_layers(model) + _fixed_head_projections(model))
+    return unique_modules(classifier_layers(model) + _fixed_head_projections(model))
 
 
 def pruner_kwargs(model: nn.Module, *, prune_num_heads: bool = False,
@@ -117,7 +100,7 @@ def fix_attention_after_pruning(model: nn.Module,
         qkv = _qkv_output_layer(attention)
         heads = (num_heads or {}).get(qkv, attention.num_heads)
         if heads < 1 or qkv.out_features % (3 * heads):
-            raise ValueError(f"qkv layer {qkv} has {qkv.out_features} outputs, not 3 x {heads} heads x head_dim; "
+            raise InvalidArgumentError(f"qkv layer {qkv} has {qkv.out_features} outputs, not 3 x {heads} heads x head_dim; "
                              "pass num_heads=pruner.num_heads when whole heads were pruned")
         plan.append((attention, qkv, heads, qkv.out_features // (3 * heads)))
     with torch.no_grad():

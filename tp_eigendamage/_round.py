@@ -1,0 +1,327 @@
+"""One round of :func:`~tp_eigendamage.prune`: capped, tie-broken, cached scores; candidate
+amounts measured on shape-only twins; the chosen amount removed from the model.
+
+A twin is a deep copy of the model whose parameters and buffers live on the ``meta`` device
+(shapes only, no arithmetic). It runs the same Torch-Pruning code on the same shapes with the
+cached scores and stores its KFE blocks in the same forms (:func:`store_forms`), so it costs
+exactly what the model costs after the same pruning. Models whose forward cannot run on the
+``meta`` device get twins with real (copied) tensors instead, and so does every trial that
+needs a clock: a latency target, or forms chosen by latency.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from . import _tp
+from .batches import to_device
+from .budget import Cost, measure_cost
+from .damage import obs_compensation
+from .errors import TargetUnreachableError
+from .forms import FORMS, FormLatencies
+from .kfe import kfe_part, to_cheapest_forms
+from .latency import measure_latency
+from .layers import adapter_for
+from .methods import Method
+
+__all__ = ["PruneConfig", "Round", "RoundImportance", "checked_cost", "layer_name", "store_forms",
+           "latency_fraction", "INTERMEDIATE_FORMS"]
+
+#: Forms of a KFE block between rounds: a block the next round re-rotates stays a block, one
+#: that does not pay is folded (the next round rewrites the dense layer afresh).
+INTERMEDIATE_FORMS = ("dense", "kfe")
+
+#: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
+_MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
+
+
+def layer_name(names: Dict[int, str], module: nn.Module, modules: Dict[str, nn.Module]) -> str:
+    """Qualified name of the reported layer owning ``module`` (a KFE block for its parts)."""
+    name = names.get(id(module), "?")
+    part = kfe_part(name, modules)
+    return part[0] if part else name
+
+
+@dataclass
+class PruneConfig:
+    """What every round of one ``prune()`` call needs besides the model and its statistics."""
+
+    example_inputs: Any
+    method: Method
+    ignored: List[nn.Module]      # the user's ignored layers and the output layers
+    outputs: List[nn.Module]      # the layers producing the model's outputs
+    cap: float
+    initial: Dict[str, Tuple[int, int]]
+    global_pruning: bool
+    tp_kwargs: dict
+    timm_helper: Any
+    eigen_precision: str = "float64"
+    form_cost: str = "params"         # what the forms of KFE blocks are chosen by
+    unpruned: Optional[nn.Module] = None   # the user's model: the latency reference
+    latencies: FormLatencies = field(default_factory=FormLatencies)
+
+    @property
+    def needs_clock(self) -> bool:
+        """Trials are timed (real tensors): forms chosen by latency."""
+        return self.form_cost == "latency"
+
+
+def store_forms(model: nn.Module, config: PruneConfig, inputs, final: bool) -> None:
+    """Store the KFE blocks of ``model`` in their cheapest forms by ``config.form_cost``: all
+    four forms after the last round, :data:`INTERMEDIATE_FORMS` before."""
+    to_cheapest_forms(model, cost=config.form_cost, example_inputs=inputs,
+                      forms=FORMS if final else INTERMEDIATE_FORMS, latencies=config.latencies)
+
+
+def latency_fraction(model: nn.Module, config: PruneConfig) -> float:
+    """``model``'s measured latency on the example inputs over the unpruned model's, timed
+    side by side (:func:`~tp_eigendamage.latency.measure_latency`)."""
+    reference, now = measure_latency([config.unpruned, model], config.example_inputs)
+    return now / reference
+
+
+class RoundImportance(tp.importance.Importance):
+    """A criterion as one round of :func:`prune` uses it: capped, tie-broken and cached.
+
+    * Cap: in each group, the channels a member must keep (``ceil(original·(1 − cap))``, at
+      least 1) get score +∞, so Torch-Pruning's threshold never selects them. KFE parts
+      inherit the original layer's count: ``rotate_in`` and the core's input side count as
+      the layer's input, ``rotate_out`` and the core's output side as its output.
+    * Ties: exact ties (e.g. channels feeding a zero-initialised BatchNorm, whose damage is
+      exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude, far
+      below any damage float32 can tell apart from another.
+    * Cache: scores do not depend on the pruning amount, so every group is scored once per
+      round, on the model itself; shape-only twins (``for_twin``) read the cache (keyed by the
+      root layer's name and pruning function) and never score.
+    """
+
+    TIE_BREAK = 1e-20
+
+    def __init__(self, inner: tp.importance.Importance, cap: float, initial: Dict[str, Tuple[int, int]]):
+        self.inner, self.cap, self.initial = inner, cap, initial
+        self.magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+        self.raw: Dict[tuple, Optional[torch.Tensor]] = {}      # the criterion's scores
+        self.scores: Dict[tuple, Optional[torch.Tensor]] = {}   # capped and tie-broken
+        self.scoring = True
+        self.nan_groups: List[Optional[str]] = []     # roots of groups whose scores held NaN
+        self.names: Dict[int, str] = {}
+        self.modules: Dict[str, nn.Module] = {}
+
+    def for_twin(self) -> "RoundImportance":
+        """A read-only view of the cache for a twin of the model (attach it to the twin)."""
+        twin = copy.copy(self)
+        twin.scoring = False
+        return twin
+
+    def attach(self, model: nn.Module) -> None:
+        self.modules = dict(model.named_modules())
+        self.names = {id(m): n for n, m in self.modules.items()}
+
+    def key(self, group: _tp.Group) -> tuple:
+        layer, pruning_fn, _ = _tp.group_root(group)
+        return self.names.get(id(layer)), pruning_fn
+
+    def damage(self, group: _tp.Group) -> Tuple[Optional[str], float]:
+        """``(reported layer, Σ criterion scores)`` of the channels a pruning ``group`` removes."""
+        raw = self.raw.get(self.key(group))
+        if raw is None:
+            return None, 0.0
+        layer, _, idxs = _tp.group_root(group)
+        return layer_name(self.names, layer, self.modules), float(raw[torch.as_tensor(idxs, dtype=torch.long)].sum())
+
+    def __call__(self, group: _tp.Group) -> Optional[torch.Tensor]:
+        key = self.key(group)
+        if key not in self.scores:
+            if not self.scoring:
+                raise RuntimeError(f"internal error: group rooted at {key[0]!r} was not scored "
+                                   "on the model before the budget search")
+            self._score(key, group)
+        return self.scores[key]
+
+    def _must_keep(self, group: _tp.Group) -> int:
+        """How many of the group's root channels must survive for every member's cap."""
+        n_root, keep = len(_tp.group_root(group)[2]), 1
+        for member in _tp.members(group):
+            module = member.layer
+            a = adapter_for(module) if isinstance(module, nn.Module) else None
+            if a is None or not member.idxs or not (member.is_out_channel or member.is_in_channel):
+                continue
+            original = self._original(module, member.is_out_channel)
+            if original is None:
+                continue
+            current = a.out_features(module) if member.is_out_channel else a.in_features(module)
+            member_keep = max(1, math.ceil(original * (1 - self.cap)))
+            keep = max(keep, math.ceil(member_keep * n_root / max(current, 1)))
+        return min(keep, n_root)
+
+    def _original(self, module: nn.Module, is_out: bool) -> Optional[int]:
+        name = self.names.get(id(module), "")
+        part = kfe_part(name, self.modules)
+        if part and part[0] in self.initial:
+            name, is_out = part[0], {"rotate_in": False, "rotate_out": True}.get(part[1], is_out)
+        return self.initial[name][1 if is_out else 0] if name in self.initial else None
+
+    def _score(self, key: tuple, group: _tp.Group) -> None:
+        raw = self.inner(group)
+        self.raw[key] = self.scores[key] = None
+        if raw is None:
+            return
+        raw = raw.detach().float().cpu()
+        if torch.isnan(raw).any():
+            # e.g. Torch-Pruning's Taylor importance divides 0 by 0 for channels whose gradient
+            # is exactly zero (behind a zero-initialised BatchNorm): such channels cost nothing
+            self.nan_groups.append(key[0])
+            raw = torch.nan_to_num(raw, nan=0.0)
+        self.raw[key] = raw
+        scores = raw.clone()
+        magnitude = self.magnitude(group)
+        if magnitude is not None:
+            scores += self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
+        scores[torch.topk(scores, self._must_keep(group)).indices] = float("inf")
+        self.scores[key] = scores
+
+
+# -- pruning a model (or its twin) at a channel ratio ------------------------------------------
+def _pruner(model: nn.Module, example_inputs, importance: RoundImportance, ignored, tp_kwargs,
+            config: PruneConfig, ratio: float) -> tp.pruner.BasePruner:
+    kwargs = dict(config.timm_helper.pruner_kwargs(model)) if config.timm_helper else {}
+    ignored = list(ignored) + list(kwargs.pop("ignored_layers", []))
+    kwargs.update(tp_kwargs)
+    kwargs.update({k: dict(kwargs.get(k) or {}) for k in _MUTATED_KWARGS})
+    pruner = _tp.make_pruner(model, example_inputs, importance, ratio=ratio,
+                             global_pruning=config.global_pruning, ignored_layers=ignored, **kwargs)
+    importance.attach(model)
+    return pruner
+
+
+def _remove(model: nn.Module, pruner, ratio: float, config: PruneConfig, names: Dict[int, str],
+            before_each: Callable = lambda group: None) -> None:
+    """Prune at channel ``ratio`` group by group, then fix timm attention."""
+    for group in _tp.groups_at(pruner, ratio):
+        before_each(group)
+        root = _tp.group_root(group)[0]
+        with _tp.pruning_errors(f"removing channels of '{names.get(id(root), '?')}' "
+                                f"({type(root).__name__}) and the layers coupled to it",
+                                model, config.example_inputs):
+            group.prune()
+    if config.timm_helper:
+        config.timm_helper.fix_attention_after_pruning(model, pruner.num_heads)
+
+
+def checked_cost(model: nn.Module, example_inputs) -> Cost:
+    """:func:`measure_cost`, with a failing forward reported as a :class:`PruningError`."""
+    with _tp.pruning_errors("running the pruned model", model, example_inputs):
+        return measure_cost(model, example_inputs)
+
+
+def _twin(model: nn.Module, extra, meta: bool):
+    """Deep copy of ``(model, extra)``; ``meta=True`` puts parameters and buffers on the meta
+    device (shapes only: no storage is copied and no arithmetic is done)."""
+    memo: dict = {}
+    if meta:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            memo[id(t)] = (nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else t.detach().to("meta"))
+    return copy.deepcopy((model, extra), memo)
+
+
+def _compensate(groups, stats) -> None:
+    """Apply the joint K-FAC OBS update to every consumer layer before its inputs go."""
+    removed: Dict[nn.Module, List[int]] = {}
+    for group in groups:
+        for member in _tp.members(group):
+            m = member.layer
+            if member.is_in_channel and m in stats and adapter_for(m) is not None:
+                removed.setdefault(m, []).extend(int(i) for i in member.idxs)
+    for m, idxs in removed.items():
+        obs_compensation(m, stats[m], sorted(set(idxs)))
+
+
+def _nothing_to_prune(config: PruneConfig, names: Dict[int, str]) -> TargetUnreachableError:
+    def listed(modules):
+        return ", ".join(f"'{names.get(id(m), '?')}'" for m in modules) or "none"
+
+    user = [m for m in config.ignored if all(m is not o for o in config.outputs)]
+    return TargetUnreachableError(
+        "nothing can be pruned: every layer's output channels are either model outputs (never "
+        f"pruned: {listed(config.outputs)}) or ignored (ignored_layers: {listed(user)}), or "
+        "Torch-Pruning found no prunable group; the model has no hidden channels to remove")
+
+
+class Round:
+    """One round on ``model``: one pruner, every group scored once, candidates measured on twins.
+    ``final``: the last round, after which KFE blocks take any of their forms."""
+
+    def __init__(self, model: nn.Module, stats, config: PruneConfig, final: bool):
+        self.model, self.config, self.final = model, config, final
+        self.importance = RoundImportance(config.method.importance(stats), config.cap, config.initial)
+        with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
+            self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
+                                  config.tp_kwargs, config, 0.0)
+        list(_tp.groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
+        if self.importance.nan_groups:
+            listed = ", ".join(repr(n) for n in self.importance.nan_groups[:5])
+            warnings.warn(f"{type(self.importance.inner).__name__} returned NaN scores in "
+                          f"{len(self.importance.nan_groups)} group(s) ({listed}"
+                          f"{', ...' if len(self.importance.nan_groups) > 5 else ''}); they count as 0 "
+                          "(removed first), as for channels whose gradient is exactly zero", stacklevel=3)
+        if not self.importance.scores:
+            raise _nothing_to_prune(config, self.importance.names)
+        self.meta = not config.needs_clock
+        self.trials = 0
+
+    def cost_at(self, ratio: float) -> Cost:
+        """What the model would cost after this round's pruning at channel ``ratio``."""
+        self.trials += 1
+        if self.meta:
+            try:
+                return checked_cost(*self._pruned_twin(ratio, meta=True))
+            except Exception:   # a forward that needs real values: measure on real copies
+                self.meta = False
+        return checked_cost(*self._pruned_twin(ratio, meta=False))
+
+    def latency_at(self, ratio: float) -> float:
+        """The model's latency after this round's pruning at channel ``ratio``, as a fraction
+        of the unpruned model's (a real copy, pruned and timed next to the unpruned model)."""
+        self.trials += 1
+        twin, _ = self._pruned_twin(ratio, meta=False)
+        return latency_fraction(twin, self.config)
+
+    def _pruned_twin(self, ratio: float, meta: bool):
+        """``(twin, its inputs)``: a twin pruned at ``ratio``, its blocks in their forms."""
+        twin, (ignored, tp_kwargs) = _twin(self.model, (self.config.ignored, self.config.tp_kwargs), meta)
+        inputs = to_device(self.config.example_inputs, "meta") if meta else self.config.example_inputs
+        importance = self.importance.for_twin()
+        with _tp.pruning_errors("tracing the model with Torch-Pruning", twin, inputs):
+            pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.config, ratio)
+        _remove(twin, pruner, ratio, self.config, importance.names)
+        store_forms(twin, self.config, inputs, self.final)
+        return twin, inputs
+
+    def apply(self, ratio: float, stats) -> Dict[str, float]:
+        """Prune the model at channel ``ratio`` (the caller stores KFE blocks in their forms); returns
+        the predicted damage per reported layer.
+
+        With OBS compensation, every consumer is first compensated for ALL its removed inputs
+        at once (the groups listed on the unpruned model), then the same groups are pruned one
+        by one.
+        """
+        if self.config.method.compensation:
+            _compensate(list(_tp.groups_at(self.pruner, ratio)), stats)
+        damages: Dict[str, float] = {}
+
+        def record(group):
+            name, value = self.importance.damage(group)
+            if name is not None:
+                damages[name] = damages.get(name, 0.0) + value
+
+        _remove(self.model, self.pruner, ratio, self.config, self.importance.names, record)
+        return damages

@@ -1,0 +1,221 @@
+"""Torch-Pruning compatibility: every use of Torch-Pruning beyond its importance / pruner
+entry points goes through here, so an upgrade is checked in one place.
+
+Tested with torch-pruning 1.6.1 (the newest release). Public names are used where Torch-Pruning
+has them (``dep.layer``, ``dep.pruning_fn``, ``GroupItem.root_idxs``); the two internals left
+are a group's dependency graph (``group._DG``, which Torch-Pruning's own groups use to prune),
+the pruner's per-step ratio schedule, set to prune at one chosen ratio, and the traced graph's
+nodes (``DG.module2node``, ``node.inputs`` / ``node.outputs``) for finding the model's outputs.
+
+Tracing leaks nothing: Torch-Pruning's tracer puts the model in eval mode and follows
+``grad_fn`` links, so it runs here with every mode flag restored afterwards and every parameter
+temporarily trainable (a frozen layer's output would have no ``grad_fn`` and be left out).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ._model_state import preserved_model_state
+from .batches import default_forward_fn
+from .errors import PruningError, TPEigenDamageError
+
+__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "module_neighbours",
+           "traceable", "trace_graph", "make_pruner", "groups_at", "count_ops_and_params",
+           "pruning_errors", "failing_module", "IGNORE_HINT"]
+
+Group = tp.dependency.Group
+
+
+class Member(NamedTuple):
+    """One entry of a group: a layer, how it is pruned, which of its channels, and which root
+    channel each of them follows (``None`` where Torch-Pruning does not know)."""
+
+    layer: Any
+    pruning_fn: Callable
+    idxs: List[int]
+    root_idxs: List[Optional[int]]
+    is_out_channel: bool
+    is_in_channel: bool
+
+
+def group_model(group: Group) -> nn.Module:
+    """The model a group belongs to."""
+    return group._DG.model
+
+
+def group_root(group: Group) -> Tuple[Any, Callable, List[int]]:
+    """``(root layer, root pruning function, root channel indices)`` of a group."""
+    item = group[0]
+    return item.dep.layer, item.dep.pruning_fn, list(item.idxs)
+
+
+def members(group: Group) -> Iterator[Member]:
+    """Every member of ``group`` with its channels and whether it loses outputs or inputs."""
+    DG = group._DG
+    for item in group:
+        dep, idxs = item
+        fn = dep.pruning_fn
+        yield Member(dep.layer, fn, list(idxs), list(item.root_idxs),
+                     DG.is_out_channel_pruning_fn(fn), DG.is_in_channel_pruning_fn(fn))
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """Gradients on and every parameter trainable inside; modes and ``requires_grad`` restored
+    after (see the module docstring)."""
+    with torch.enable_grad(), preserved_model_state(model):
+        yield
+
+
+_UNWRAPPED = re.compile(r"Unwrapped parameters detected: \[(.*?)\]", re.S)
+
+
+@contextlib.contextmanager
+def _unwrapped_warned_once() -> Iterator[None]:
+    """Torch-Pruning warns about parameters outside any layer it knows (ViT's ``pos_embed``,
+    ConvNeXt's ``gamma``) on every graph it builds, listing them in a random order; inside,
+    that warning is issued once per process for each set of names instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        found = _UNWRAPPED.search(str(w.message))
+        if found is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        _warn_unwrapped_once(", ".join(sorted(n.strip(" '") for n in found.group(1).split(","))))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unwrapped_once(names: str) -> None:
+    warnings.warn(f"Torch-Pruning prunes the last non-singleton dimension of parameters outside any "
+                  f"layer it knows ({names}); pass unwrapped_parameters=[(param, dim), ...] to "
+                  "prune() to choose another dimension", UserWarning, stacklevel=5)
+
+
+def module_neighbours(model: nn.Module, example_inputs) -> Dict[nn.Module, Tuple[List[Any], List[Any]]]:
+    """``module → (modules it reads from, modules reading it)`` in the traced graph of
+    ``model`` (Torch-Pruning's dependency graph; functional ops appear as its op nodes)."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    return {module: ([n.module for n in node.inputs], [n.module for n in node.outputs])
+            for module, node in DG.module2node.items()}
+
+
+#: ``BasePruner`` keyword arguments that change how the model is traced.
+_TRACING_KWARGS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
+
+
+class TracedGraph(NamedTuple):
+    """One traced forward as Torch-Pruning sees it. Nodes are modules or Torch-Pruning's
+    operation objects (element-wise, concatenation, reshape, ...)."""
+
+    ends: List[Any]                 # the nodes producing the model's outputs
+    inputs: Dict[Any, List[Any]]    # node → the nodes it reads
+    channel_layers: Set[Any]        # modules with output channels of their own (conv, linear, ...)
+
+
+def _own_channels(DG, module) -> bool:
+    """True for a module whose output channels are not its input channels (Torch-Pruning prunes
+    them with a different function), e.g. conv / linear but not BatchNorm."""
+    pruner = DG.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+    return pruner is not None and type(pruner).prune_in_channels is not type(pruner).prune_out_channels
+
+
+def trace_graph(model: nn.Module, example_inputs, **tp_kwargs) -> TracedGraph:
+    """Trace ``model(example_inputs)`` with Torch-Pruning (the tracing options among
+    ``tp_kwargs`` apply) and return its graph."""
+    options = {k: tp_kwargs[k] for k in _TRACING_KWARGS if k in tp_kwargs}
+    with traceable(model), _unwrapped_warned_once():
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+    nodes = list(DG.module2node.values())
+    return TracedGraph(ends=[n.module for n in nodes if not n.outputs],
+                       inputs={n.module: [i.module for i in n.inputs] for n in nodes},
+                       channel_layers={n.module for n in nodes if _own_channels(DG, n.module)})
+
+
+def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, global_pruning: bool,
+                ignored_layers: List[nn.Module], **kwargs) -> tp.pruner.BasePruner:
+    """A ``BasePruner`` that removes ``ratio`` of the channels in one step, traced without
+    leaking mode or ``requires_grad`` changes (frozen layers included) and with Torch-Pruning's
+    unwrapped-parameter warning given once per set of names."""
+    with traceable(model), _unwrapped_warned_once():
+        return tp.pruner.BasePruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                                    global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
+
+
+def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:
+    """The groups ``pruner`` removes at channel ratio ``ratio``, created one at a time (a
+    generator: prune each before asking for the next, as Torch-Pruning's own ``step()`` does —
+    concatenations map indices through the CURRENT shapes)."""
+    pruner.reset()
+    pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
+    return pruner.step(interactive=True)
+
+
+def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = False):
+    """Torch-Pruning's MAC and parameter counter (rotation layers of KFE blocks included).
+
+    Torch-Pruning matches layer types exactly, so subclasses (timm's ``Linear``,
+    ``Conv2dSame``, ``BatchNormAct2d``, ...) would count zero FLOPs; each is counted with its
+    nearest counted base class's rule.
+    """
+    from torch_pruning.utils import op_counter
+
+    counted = op_counter.MODULES_MAPPING
+    op_counter.CUSTOM_MODULES_MAPPING = {
+        type(m): next(counted[base] for base in type(m).__mro__ if base in counted)
+        for m in model.modules()
+        if type(m) not in counted and any(base in counted for base in type(m).__mro__)}
+    return tp.utils.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+
+
+# -- Torch-Pruning failures in the package's terms ------------------------------------------------
+IGNORE_HINT = ("Torch-Pruning cannot handle this layer or operation: add it (or its parent "
+               "module) to ignored_layers, or give Torch-Pruning customized_pruners / "
+               "unwrapped_parameters for it.")
+
+
+def failing_module(model: nn.Module, example_inputs) -> Optional[str]:
+    """``'name' (Type)`` of the innermost module running when ``model(example_inputs)`` raises;
+    None if the forward runs."""
+    names = {m: n for n, m in model.named_modules()}
+    stack: List[nn.Module] = []
+
+    def enter(module, args):
+        stack.append(module)
+
+    def leave(module, args, output):
+        stack.pop()
+
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad():
+            default_forward_fn(model, example_inputs)
+    except Exception:
+        return f"'{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})" if stack else "<model>"
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+@contextlib.contextmanager
+def pruning_errors(stage: str, model: nn.Module, example_inputs, hint: str = IGNORE_HINT):
+    """Re-raise anything but this package's own errors as a :class:`PruningError` that names
+    ``stage`` and, if the model's forward fails, the innermost failing module."""
+    try:
+        yield
+    except TPEigenDamageError:
+        raise
+    except Exception as exc:
+        where = failing_module(model, example_inputs)
+        at = f"; the model's forward fails in {where}" if where else ""
+        raise PruningError(f"{stage} failed{at}: {type(exc).__name__}: {exc}. {hint}".rstrip()) from exc

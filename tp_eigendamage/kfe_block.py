@@ -1,0 +1,308 @@
+"""The KFE block: a layer rewritten as ``rotate_in → core → rotate_out`` (docs/method.md §3).
+
+A layer ``y = W x + b`` becomes three plain layers that Torch-Pruning traces as usual::
+
+    x → rotate_in (Q_Aᵀ, 1×1 conv / linear) → core (W* = Q_Sᵀ W Q_A, original kernel)
+      → rotate_out (Q_S, original bias) → y
+
+In these coordinates the K-FAC Fisher ``A ⊗ S`` is diagonal with entries ``λ_S,i λ_A,j``, so
+removing a core input channel (eigen-direction j of A) or output channel (direction i of S)
+costs exactly the ``damage_in`` / ``damage_out`` of docs/method.md §4.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._basis_matching import exact_indices
+from .errors import StaleBasisError
+from .layers import adapter_for
+
+__all__ = ["KFEBlock", "Survivors", "is_plain_layer", "layer_like", "weight_3d"]
+
+
+# -- plain layers -----------------------------------------------------------------------------
+_PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """``nn.Conv2d`` / ``nn.Linear`` (or a subclass keeping their forward), so ``y = W ⋆ x + b``.
+
+    Subclasses that change the forward (timm's ``Conv2dSame``, ``StdConv2d``, ...) compute
+    something else than ``W ⋆ x`` and cannot be rotated exactly.
+    """
+    cls = type(module)
+    return (cls.forward in _PLAIN_FORWARDS
+            and getattr(cls, "_conv_forward", nn.Conv2d._conv_forward) is nn.Conv2d._conv_forward)
+
+
+def layer_like(like: nn.Module, in_features: int, out_features: int, *, bias: bool,
+               pointwise: bool = False) -> nn.Module:
+    """A fresh plain layer of ``like``'s kind, device, dtype, mode and ``requires_grad``, weights unset.
+
+    ``pointwise=True`` gives the rotation layer (1×1 conv / linear). Otherwise a conv keeps
+    ``like``'s kernel size, stride, padding (string padding included), dilation and padding mode.
+    """
+    layer = adapter_for(like).empty_layer(like, in_features, out_features, bias=bias, pointwise=pointwise)
+    layer.requires_grad_(like.weight.requires_grad)
+    return layer.train(like.training)
+
+
+def weight_3d(layer: nn.Module) -> torch.Tensor:
+    """The weight of an ungrouped layer as ``(out, in, K)`` float64 (K kernel offsets, 1 for Linear)."""
+    return adapter_for(layer).weight_blocks(layer)[0].detach().double()
+
+
+def _mean_grad_3d(factors) -> Optional[torch.Tensor]:
+    """The ungrouped layer's mean data-label gradient as ``(out, in, K)``, or ``None``."""
+    mean_grad = factors.mean_grad
+    return None if mean_grad is None else mean_grad[0]
+
+
+def _load_weight(layer: nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(value.reshape(layer.weight.shape))
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """A rotation layer's weight as an ``(out, in)`` float64 matrix."""
+    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+
+
+def _in_kfe(eigen, W: torch.Tensor) -> torch.Tensor:
+    """``Q_Sᵀ W_k Q_A`` for every kernel offset k of an ``(out, in, K)`` tensor (float64)."""
+    _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
+    return torch.einsum("so,sik,ij->ojk", q_s, W.double(), q_a)
+
+
+def _rotated(eigen, W, R_in=None, R_out=None):
+    """Rotate ``R_out · W · R_in`` into the eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` of the core.
+
+    Returns ``(Q_Aᵀ R_in, Q_Sᵀ W_k Q_A, R_out Q_S)``; ``R = None`` means the identity. The
+    product of the three is unchanged because ``Q_A`` and ``Q_S`` are orthogonal.
+    """
+    _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
+    return (q_a.T if R_in is None else q_a.T @ R_in), _in_kfe(eigen, W), (q_s if R_out is None else R_out @ q_s)
+
+
+def _buffers(eigen, R_in, R_out, like: torch.Tensor, mean_grad: Optional[torch.Tensor]):
+    """``(eigen_in, eigen_out, basis_in, basis_out, fisher_diag, mean_grad)`` of a freshly
+    rotated block.
+
+    ``basis_in = R_inᵀ`` and ``basis_out = R_out`` (the current directions), ``fisher_diag =
+    λ_S λ_Aᵀ``, ``mean_grad = Q_Sᵀ Ḡ_k Q_A`` from the layer's mean data-label gradient ``Ḡ``
+    ``(out, in, K)`` (``None`` stays ``None``); on ``like``'s device and dtype.
+    """
+    lam_a, _, lam_s, _ = eigen
+    rotated = (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a),
+               None if mean_grad is None else _in_kfe(eigen, mean_grad))
+    return tuple(None if t is None else t.detach().to(like.device, like.dtype).contiguous() for t in rotated)
+
+
+class Survivors(NamedTuple):
+    """What is left of a block: indices into its buffers (see :meth:`KFEBlock.surviving`)."""
+
+    directions_in: torch.Tensor   # columns of basis_in / entries of eigen_in, in core-input order
+    directions_out: torch.Tensor  # columns of basis_out / entries of eigen_out, in core-output order
+    channels_in: torch.Tensor     # rows of basis_in, in block-input order
+    channels_out: torch.Tensor    # rows of basis_out, in block-output order
+
+
+# block → (rotation weights and bases, their versions, Survivors): the lookup is redone only
+# when one of them was replaced (Torch-Pruning, re-rotation) or changed in place (training).
+_SURVIVORS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+# -- the block --------------------------------------------------------------------------------
+class KFEBlock(nn.Module):
+    """``rotate_in → core → rotate_out``, built only from ``nn.Conv2d`` / ``nn.Linear``.
+
+    Buffers (set when the block is built or re-rotated, never pruned by Torch-Pruning):
+
+    * ``basis_in``  ``(in, r_in)``:  the input directions, i.e. ``rotate_in``'s rows at build /
+      re-rotation time (the columns of ``Q_A``; after re-rotation the full effective rotation);
+    * ``basis_out`` ``(out, r_out)``: the output directions (``rotate_out``'s columns, ``Q_S``);
+    * ``eigen_in``  ``(r_in,)``:  ``λ_A``, eigenvalue of each column of ``basis_in``;
+    * ``eigen_out`` ``(r_out,)``: ``λ_S``;
+    * ``fisher_diag`` ``(r_out, r_in)``: the Fisher diagonal in the KFE, ``λ_S,i λ_A,j`` or,
+      after :func:`tp_eigendamage.ekfac.fit_eigen_correction`, the EK-FAC refit (then
+      ``eigen_corrected`` is True);
+    * ``mean_grad`` ``(r_out, r_in, K)`` or ``None``: the mean data-label gradient in the KFE,
+      ``Ḡ* = Q_Sᵀ Ḡ_k Q_A`` (the gradient of the loss w.r.t. the core weight ``W*``), for the
+      damages' first-order term; refit with ``fisher_diag``;
+    * ``removal_fisher_in`` ``(r_in,)`` / ``removal_fisher_out`` ``(r_out,)`` or ``None``: the
+      Fisher's exact quadratic form along the removal of each direction, set by
+      :func:`~tp_eigendamage.ekfac.fit_eigen_correction` (``None`` after a re-rotation).
+
+    Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions),
+    rows of ``core`` / columns of ``rotate_out`` (output directions) and columns of
+    ``rotate_in`` / rows of ``rotate_out`` (the block's outer channels, e.g. a residual stream)
+    without knowing these buffers; :meth:`surviving` recovers which stored directions and
+    outer channels are still present. Re-rotation (:func:`to_kfe`) re-bases every buffer on
+    the current directions and outer channels.
+    """
+
+    def __init__(self, rotate_in: nn.Module, core: nn.Module, rotate_out: nn.Module,
+                 eigen_in: torch.Tensor, eigen_out: torch.Tensor,
+                 basis_in: torch.Tensor, basis_out: torch.Tensor,
+                 fisher_diag: torch.Tensor, mean_grad: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.rotate_in = rotate_in
+        self.core = core
+        self.rotate_out = rotate_out
+        self.register_buffer("eigen_in", eigen_in)
+        self.register_buffer("eigen_out", eigen_out)
+        self.register_buffer("basis_in", basis_in)
+        self.register_buffer("basis_out", basis_out)
+        self.register_buffer("fisher_diag", fisher_diag)
+        self.register_buffer("mean_grad", mean_grad)
+        self.register_buffer("removal_fisher_in", None)
+        self.register_buffer("removal_fisher_out", None)
+        self.eigen_corrected = False
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, factors) -> "KFEBlock":
+        """The block of a plain ungrouped layer from its :class:`~tp_eigendamage.KFACFactors`
+        (eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` and mean gradient)."""
+        out_f, in_f = layer.weight.shape[:2]
+        has_bias = getattr(layer, "bias", None) is not None
+        eigen = factors.eigen()
+        weights = _rotated(eigen, weight_3d(layer))
+        blk = cls(layer_like(layer, in_f, in_f, bias=False, pointwise=True),
+                  layer_like(layer, in_f, out_f, bias=False),
+                  layer_like(layer, out_f, out_f, bias=has_bias, pointwise=True),
+                  *_buffers(eigen, weights[0], weights[2], layer.weight, _mean_grad_3d(factors)))
+        blk.training = layer.training
+        blk._load(weights)
+        if has_bias:
+            with torch.no_grad():
+                blk.rotate_out.bias.copy_(layer.bias)
+        return blk
+
+    def forward(self, x):
+        return self.rotate_out(self.core(self.rotate_in(x)))
+
+    def __getattr__(self, name: str):
+        """The replaced layer's shape attributes and bias (``in_features``/``in_channels`` from
+        ``rotate_in``; ``out_features``/``out_channels``/``bias`` from ``rotate_out``), which code
+        written for the plain layer reads (e.g. Torch-Pruning's FLOP counter for timm attention)."""
+        if name in ("in_features", "in_channels"):
+            return getattr(self.rotate_in, name)
+        if name in ("out_features", "out_channels", "bias"):
+            return getattr(self.rotate_out, name)
+        return super().__getattr__(name)
+
+    def rotation_in_matrix(self) -> torch.Tensor:
+        """Current input rotation as ``(r_in_now, in)`` (rows are directions)."""
+        return self.rotate_in.weight.reshape(self.rotate_in.weight.shape[0], -1)
+
+    def rotation_out_matrix(self) -> torch.Tensor:
+        """Current output rotation as ``(out, r_out_now)`` (columns are directions)."""
+        return self.rotate_out.weight.reshape(self.rotate_out.weight.shape[0], -1)
+
+    def surviving(self) -> Survivors:
+        """Which stored directions and outer channels the block still has, after any removals.
+
+        As long as the rotation weights are unchanged since the block was built / re-rotated,
+        they are exact copies of basis entries, ``rotate_in[d, c] = basis_in[s_c, j_d]`` and
+        ``rotate_out[c, d] = basis_out[s_c, j_d]``, and :func:`~tp_eigendamage._basis_matching.exact_indices` recovers ``s``
+        (outer channels) and ``j`` (directions) exactly. Otherwise (rotations fine-tuned) each
+        direction is matched to the stored one with the largest ``|cos|``, which needs the outer
+        channels intact; if they were pruned too, :class:`StaleBasisError`. The result is
+        cached until a rotation weight or basis is replaced or changed in place.
+        """
+        tensors = (self.rotate_in.weight, self.rotate_out.weight, self.basis_in, self.basis_out)
+        versions = tuple(t._version for t in tensors)
+        cached = _SURVIVORS.get(self)
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], tensors)):
+            channels_in, directions_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
+            channels_out, directions_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
+            cached = (tensors, versions, Survivors(directions_in, directions_out, channels_in, channels_out))
+            _SURVIVORS[self] = cached
+        return cached[2]
+
+    def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Indices into ``eigen_in`` / ``eigen_out`` (columns of the bases) of the directions left."""
+        s = self.surviving()
+        return s.directions_in, s.directions_out
+
+    def surviving_outer(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Indices into the rows of ``basis_in`` / ``basis_out`` of the block's inputs / outputs left."""
+        s = self.surviving()
+        return s.channels_in, s.channels_out
+
+    @staticmethod
+    def _locate(current: torch.Tensor, basis: torch.Tensor, side: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(channels, directions)`` of ``current`` ``(outer_now, r_now)`` in ``basis`` ``(outer, r)``."""
+        found = exact_indices(current, basis)
+        if found is not None:
+            return found
+        if current.shape[0] != basis.shape[0]:
+            raise StaleBasisError(
+                f"the {side} rotation of this KFE block changed since it was built (e.g. it was "
+                f"fine-tuned) and its {side} channels were pruned ({basis.shape[0]} → "
+                f"{current.shape[0]}), so its stored eigenbasis cannot be matched any more; run "
+                "collect_kfac on the current model and to_kfe(model, stats) again, which "
+                "re-rotates the block and re-bases its buffers")
+        cos = F.normalize(basis.double(), dim=0).T @ F.normalize(current.double(), dim=0)
+        return torch.arange(basis.shape[0], device=basis.device), cos.abs().argmax(dim=0)
+
+    def keep_surviving_buffers(self) -> None:
+        """Cut the buffers down to the surviving directions and outer channels, in the layers' order."""
+        s = self.surviving()
+        self.basis_in = self.basis_in[s.channels_in][:, s.directions_in]
+        self.basis_out = self.basis_out[s.channels_out][:, s.directions_out]
+        self.eigen_in, self.eigen_out = self.eigen_in[s.directions_in], self.eigen_out[s.directions_out]
+        self.fisher_diag = self.fisher_diag[s.directions_out][:, s.directions_in]
+        if self.mean_grad is not None:
+            self.mean_grad = self.mean_grad[s.directions_out][:, s.directions_in]
+        if self.removal_fisher_in is not None:
+            self.removal_fisher_in = self.removal_fisher_in[s.directions_in]
+            self.removal_fisher_out = self.removal_fisher_out[s.directions_out]
+
+    def rerotation(self, eigen):
+        """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
+
+        ``Q_A,new`` / ``Q_S,new`` diagonalize the core's own factors; they are merged into the
+        rotation layers (``R_in ← Q_A,newᵀ R_in``, ``R_out ← R_out Q_S,new``) and the core
+        becomes ``Q_S,newᵀ W* Q_A,new``: same function, still three stages (docs/method.md §7).
+        """
+        return _rotated(eigen, weight_3d(self.core), _matrix(self.rotate_in), _matrix(self.rotate_out))
+
+    def _load(self, weights) -> None:
+        for layer, value in zip((self.rotate_in, self.core, self.rotate_out), weights):
+            _load_weight(layer, value)
+
+    def _set_rotation(self, factors, *weights) -> None:
+        """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions
+        (``factors``: the core's :class:`~tp_eigendamage.KFACFactors`)."""
+        self._load(weights)
+        (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out, self.fisher_diag,
+         self.mean_grad) = _buffers(factors.eigen(), weights[0], weights[2], self.core.weight,
+                                    _mean_grad_3d(factors))
+        self.removal_fisher_in = self.removal_fisher_out = None
+        self.eigen_corrected = False
+
+    def num_parameters(self) -> int:
+        """Parameters of the three layers (rotations included)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the one dense layer with the block's outer shape (what :meth:`fold` gives)."""
+        out_f, in_f = self.rotation_out_matrix().shape[0], self.rotation_in_matrix().shape[1]
+        bias = 0 if self.rotate_out.bias is None else out_f
+        return out_f * in_f * adapter_for(self.core).kernel_numel(self.core) + bias
+
+    def fold(self) -> nn.Module:
+        """One dense layer with weight ``W'_k = R_out W*_k R_in`` (per kernel offset) and the bias."""
+        R_in, R_out = _matrix(self.rotate_in), _matrix(self.rotate_out)
+        dense = layer_like(self.core, R_in.shape[1], R_out.shape[0], bias=self.rotate_out.bias is not None)
+        _load_weight(dense, torch.einsum("or,rsk,si->oik", R_out, weight_3d(self.core), R_in))
+        if dense.bias is not None:
+            with torch.no_grad():
+                dense.bias.copy_(self.rotate_out.bias)
+        return dense
