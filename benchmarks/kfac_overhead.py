@@ -8,10 +8,16 @@ images (default 4 batches of 64 at 32×32). Variants, each over the same B batch
                        Eval mode because ``collect_kfac`` runs in eval mode (docs/method.md §1), so
                        both do the same forward arithmetic; ``plain-train`` (train-mode BN)
                        is printed as well for orientation.
-* ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``: A from the
-                       coverage identity (no im2col), labels sampled from the softmax.
-* ``kfac-patch``     — the same with ``factor_mode="patch"`` (im2col/unfold-based A,
-                       ``in·kh·kw``-sized factors), for comparison.
+* ``kfac-channel``   — ``collect_kfac(factor_mode="channel", fisher_type="true")``, the default:
+                       A from the coverage identity (no im2col), importance-sampled labels,
+                       and the mean data-label gradient (a second, plain backward pass with
+                       the data labels forms the weight gradients; docs/method.md §4).
+* ``kfac-channel-2nd`` — the same with ``mean_gradient=False`` (second-order statistics only:
+                       one backward pass that stops at the layer outputs).
+* ``kfac-empirical`` — ``fisher_type="empirical"``: one backward pass serves both the factors
+                       and the mean gradient.
+* ``kfac-patch``     — ``factor_mode="patch"`` (im2col/unfold-based A, ``in·kh·kw``-sized
+                       factors), for comparison.
 
 Time: every variant runs ``--warmup`` times, then ``--repeats`` rounds interleave the variants
 (plain, kfac-channel, kfac-patch, plain-train, plain, ...) so that drifts in machine load hit
@@ -47,7 +53,13 @@ import torch.nn.functional as F
 import tp_eigendamage as ted
 from _common import PeakMemory, create_model, random_batches, run_child, synchronize
 
-VARIANTS = ("plain", "kfac-channel", "kfac-patch", "plain-train")
+VARIANTS = ("plain", "kfac-channel", "kfac-channel-2nd", "kfac-empirical", "kfac-patch", "plain-train")
+KFAC_OPTIONS = {
+    "kfac-channel": dict(factor_mode="channel", fisher_type="true"),
+    "kfac-channel-2nd": dict(factor_mode="channel", fisher_type="true", mean_gradient=False),
+    "kfac-empirical": dict(factor_mode="channel", fisher_type="empirical"),
+    "kfac-patch": dict(factor_mode="patch", fisher_type="true"),
+}
 
 
 def build(name: str, args):
@@ -64,8 +76,7 @@ def run_variant(name: str, model, data) -> None:
         model.zero_grad(set_to_none=True)
         model.eval()
     else:
-        ted.collect_kfac(model, data, factor_mode=name.split("-")[1], fisher_type="true",
-                         progress=False)
+        ted.collect_kfac(model, data, progress=False, **KFAC_OPTIONS[name])
 
 
 def memory_child(args) -> None:
@@ -123,13 +134,13 @@ def main() -> None:
 
     print(f"{args.batches} batches × {args.batch} × 3×{args.size}², {args.device}, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'model':<24}{'variant':<14}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}"
+    print(f"{'model':<24}{'variant':<18}{'time s':>9}{'time ratio':>12}{'extra peak MiB':>16}"
           f"{'mem ratio':>11}", flush=True)
     for name in args.models:
         mem = {variant: measure_memory(args, name, variant) for variant in args.variants}
         secs = measure_time(args, name)
         for variant in args.variants:
-            print(f"{name:<24}{variant:<14}{secs[variant]:>9.3f}{secs[variant] / secs['plain']:>12.2f}"
+            print(f"{name:<24}{variant:<18}{secs[variant]:>9.3f}{secs[variant] / secs['plain']:>12.2f}"
                   f"{mem[variant]:>16.1f}{mem[variant] / mem['plain']:>11.2f}", flush=True)
     print("targets for kfac-channel vs plain: time ratio ≤ 1.3; memory ratio ≤ 1.2 "
           "(≤ 1.3 at 224 px, batch 32)")

@@ -91,6 +91,31 @@ def ref_out_channel(layer, c, A_blocks, S_blocks, quad):
     return total
 
 
+def mean_data_grads(model, batches):
+    """``Ḡ = (1/N) Σ_n ∂ℓ_n(y_n)/∂W`` of every Conv2d / Linear by plain autograd (float64 sums),
+    the reference for the first-order term."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = {m: torch.zeros_like(m.weight, dtype=torch.float64) for m in layers}
+    count = 0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        for m, g in zip(layers, torch.autograd.grad(loss, [m.weight for m in layers])):
+            total[m] += g.double()
+        count += len(y)
+    return {m: t / count for m, t in total.items()}
+
+
+def first_order_ref(layer, use, c, grads):
+    """``−Σ Ḡ ⊙ w`` over the weights of input (``use="in"``) or output channel c of ``layer``."""
+    w, g = weight_4d(layer), grads[layer].reshape(weight_4d(layer).shape)
+    if use == "out":
+        return -(w[c] * g[c]).sum().item()
+    G = getattr(layer, "groups", 1)
+    d_in, d_out = w.shape[1], w.shape[0] // G
+    rows = slice((c // d_in) * d_out, (c // d_in + 1) * d_out)
+    return -(w[rows, c % d_in] * g[rows, c % d_in]).sum().item()
+
+
 def kron_obd_quad(vec, diag_of, metric, index):
     """½ · diag_of[index, index] · vecᵀ metric vec (Kron-OBD, either side)."""
     return 0.5 * diag_of[index, index].item() * (vec @ metric @ vec).item()
@@ -106,7 +131,7 @@ def group_reference(DG, group, member_score, side):
         if kind is None:
             continue
         use = "in" if side == "consumer" else "out"
-        if kind not in (use, "both"):
+        if kind not in ((use,) if side == "consumer" else (use, "both")):   # depthwise: producer only
             continue
         for r, i in zip(item.root_idxs, item.idxs):
             ref[position[r]] += member_score(item.dep.layer, use, i)

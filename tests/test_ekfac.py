@@ -48,9 +48,11 @@ class Net(nn.Module):
 
 
 def brute_force_fisher_diag(model, batches, labels_of):
-    """``E_n[(1/K) Σ_k (∂ℓ_n/∂W*)²]`` for every core, one example at a time."""
+    """Per core, one example at a time: ``E_n[(1/K) Σ_k (∂ℓ_n/∂W*)²]`` and the quadratic forms
+    along removing each input / output direction, ``E_n[(∂ℓ_n/∂W* · W*_{:,j,:})²]`` and
+    ``E_n[(∂ℓ_n/∂W* · W*_{i,:,:})²]`` (``∂ℓ_n/∂W*`` restricted to that column / row)."""
     cores = {n: b.core for n, b in kfe_blocks(model)}
-    sums = {n: 0.0 for n in cores}
+    sums = {n: [0.0, 0.0, 0.0] for n in cores}
     count = 0
     for x, y in batches:
         for i in range(x.shape[0]):
@@ -59,9 +61,12 @@ def brute_force_fisher_diag(model, batches, labels_of):
             grads = torch.autograd.grad(loss, [c.weight for c in cores.values()])
             for n, g in zip(cores, grads):
                 g = g.double().reshape(g.shape[0], g.shape[1], -1)
-                sums[n] = sums[n] + g.pow(2).mean(-1)
+                w = cores[n].weight.detach().double().reshape(g.shape)
+                for slot, value in enumerate((g.pow(2).mean(-1), (g * w).sum((0, 2)).pow(2),
+                                              (g * w).sum((1, 2)).pow(2))):
+                    sums[n][slot] = sums[n][slot] + value
             count += 1
-    return {n: s / count for n, s in sums.items()}
+    return {n: [t / count for t in s] for n, s in sums.items()}
 
 
 @pytest.mark.parametrize("fisher_type", ["empirical", "true"])
@@ -86,10 +91,12 @@ def test_refit_equals_brute_force_per_example_gradients(fisher_type):
     labels_of = (lambda out, y: out.argmax(1)) if fisher_type == "true" else (lambda out, y: y)
     expected = brute_force_fisher_diag(model, batches, labels_of)
     assert set(refit) == set(expected) == {"conv1", "conv2", "tok", "fc"}
-    for n, F_ref in expected.items():
+    for n, (F_ref, in_ref, out_ref) in expected.items():
         block = getattr(model, n)
         assert refit[n] is block.fisher_diag and block.fisher_diag.shape == F_ref.shape
         assert torch.allclose(refit[n].double(), F_ref, rtol=1e-4, atol=1e-6 * F_ref.max().item()), n
+        for got, ref in ((block.removal_fisher_in, in_ref), (block.removal_fisher_out, out_ref)):
+            assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-6 * ref.max().item()), n
     # the pruned block's buffers now describe exactly its surviving directions
     block = model.conv2
     assert block.fisher_diag.shape == (7, 4) and block.eigen_in.shape == (4,)

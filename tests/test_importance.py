@@ -10,15 +10,15 @@ import torch_pruning as tp
 from scipy.stats import spearmanr
 
 from _importance_nets import (
-    TinyNet, group_reference, groups_of, kron_obd_quad, member_kind, ref_in_channel,
-    ref_out_channel, tiny_setup, weight_4d,
+    TinyNet, first_order_ref, group_reference, groups_of, kron_obd_quad, mean_data_grads,
+    member_kind, ref_in_channel, ref_out_channel, tiny_setup, weight_4d,
 )
 from tp_eigendamage import (
     EigenDamageImportance, FisherDiagImportance, KroneckerOBDImportance, KroneckerOBSImportance,
     StaleStatisticsError, collect_fisher_diag, collect_kfac,
 )
 from tp_eigendamage.testing import mean_loss, trained_digits_net
-from tp_eigendamage import KFEBlock
+from tp_eigendamage import KFEBlock, to_kfe
 
 
 EXAMPLE = torch.randn(1, 3, 6, 6)
@@ -38,11 +38,13 @@ def group_with(DG, groups, layer, kind):
                                          for item in g))
 
 
-def kron_score(stats, quad=kron_obd_quad):
+def kron_score(stats, quad=kron_obd_quad, grads=None):
+    """Reference channel damage: the quadratic term, plus ``−Σ Ḡ ⊙ w`` if ``grads`` is given."""
     def score(layer, use, c):
         f = stats[layer]
         ref = ref_in_channel if use == "in" else ref_out_channel
-        return ref(layer, c, f.input_blocks, f.grad_blocks, quad)
+        first = 0.0 if grads is None else first_order_ref(layer, use, c, grads)
+        return ref(layer, c, f.input_blocks, f.grad_blocks, quad) + first
     return score
 
 
@@ -56,44 +58,78 @@ def test_tiny_net_groups_cover_every_layer_kind(tiny):
 
 @pytest.mark.parametrize("side", ["consumer", "producer"])
 def test_kron_obd_matches_explicit_formula(tiny, side):
-    model, _, stats, DG, groups = tiny
-    imp = KroneckerOBDImportance(stats, side=side)
+    model, batches, stats, DG, groups = tiny
+    grads = mean_data_grads(model, batches)
+    second, both = (KroneckerOBDImportance(stats, side=side, first_order=f) for f in (False, True))
     for group in groups:
         ref = group_reference(DG, group, kron_score(stats), side)
         assert ref.abs().sum() > 0
-        torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(second(group).double(), ref, rtol=1e-4, atol=1e-10)
+        ref = group_reference(DG, group, kron_score(stats, grads=grads), side)
+        torch.testing.assert_close(both(group).double(), ref, rtol=1e-4, atol=1e-9)
 
 
 def test_kron_obd_linear_on_tokens_equals_kron_product(tiny):
-    """Removing input column j of the token Linear: ½ vec(δW)ᵀ (A ⊗ S) vec(δW) (column-major vec)."""
-    model, _, stats, DG, groups = tiny
+    """Removing input column j of the token Linear, ``Δ = −W_{:,j}``: the damage is
+    ``Ḡ · Δ + ½ vec(Δ)ᵀ (A ⊗ S) vec(Δ)`` (column-major vec; ``Ḡ`` by autograd)."""
+    model, batches, stats, DG, groups = tiny
     group = group_with(DG, groups, model.pw, "out")                    # consumers: tok only
     f = stats[model.tok]
     fisher = torch.kron(f.input_factor.double(), f.grad_factor.double())
+    grad = mean_data_grads(model, batches)[model.tok]
     W = model.tok.weight.detach().double()
-    ref = []
+    quad, first = [], []
     for j in range(W.shape[1]):
         delta = torch.zeros_like(W)
-        delta[:, j] = W[:, j]
+        delta[:, j] = -W[:, j]
         vec = delta.T.reshape(-1)
-        ref.append(0.5 * vec @ fisher @ vec)
+        quad.append(0.5 * vec @ fisher @ vec)
+        first.append((grad * delta).sum())
+    quad, first = torch.stack(quad), torch.stack(first)
+    got = KroneckerOBDImportance(stats, side="consumer", first_order=False)(group)
+    torch.testing.assert_close(got.double(), quad, rtol=1e-4, atol=1e-12)
     got = KroneckerOBDImportance(stats, side="consumer")(group)
-    torch.testing.assert_close(got.double(), torch.stack(ref), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(got.double(), quad + first, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("side", ["consumer", "producer"])
 def test_kron_obs_matches_explicit_formula(tiny, side):
-    model, _, stats, DG, groups = tiny
+    """Quadratic term ``½ vᵀ M v / [D⁻¹]_cc``; first-order term ``Σ Ḡ ⊙ Δ`` with ``Δ`` the OBS
+    update built explicitly: ``Δ = −w_c [D⁻¹]_c,: / [D⁻¹]_cc`` along the factor ``D`` that
+    the channel indexes (``A`` for input channels, ``S`` for output channels)."""
+    model, batches, stats, DG, groups = tiny
+    grads = mean_data_grads(model, batches)
     gamma = 0.05
 
-    def obs_quad(vec, diag_of, metric, index):
-        damped = diag_of + gamma * torch.diagonal(diag_of).mean() * torch.eye(len(diag_of), dtype=diag_of.dtype)
-        return 0.5 * (vec @ metric @ vec).item() / torch.linalg.inv(damped)[index, index].item()
+    def damped_inverse(D):
+        return torch.linalg.inv(D + gamma * torch.diagonal(D).mean() * torch.eye(len(D), dtype=D.dtype))
 
-    imp = KroneckerOBSImportance(stats, side=side, damping=gamma)
+    def obs_quad(vec, diag_of, metric, index):
+        return 0.5 * (vec @ metric @ vec).item() / damped_inverse(diag_of)[index, index].item()
+
+    def obs_first(layer, use, c):
+        w, g = weight_4d(layer), grads[layer].reshape(weight_4d(layer).shape)
+        f, G = stats[layer], getattr(layer, "groups", 1)
+        if use == "out":
+            d_out = w.shape[0] // G
+            D_inv = damped_inverse(f.grad_blocks[c // d_out].double())
+            rows = slice((c // d_out) * d_out, (c // d_out + 1) * d_out)
+            delta = -D_inv[:, c % d_out, None, None, None] * w[c][None] / D_inv[c % d_out, c % d_out]
+            return (g[rows] * delta).sum().item()
+        d_in, d_out = w.shape[1], w.shape[0] // G
+        D_inv = damped_inverse(f.input_blocks[c // d_in].double())
+        rows = slice((c // d_in) * d_out, (c // d_in + 1) * d_out)
+        delta = -w[rows, c % d_in][:, None] * D_inv[c % d_in][None, :, None, None] / D_inv[c % d_in, c % d_in]
+        return (g[rows] * delta).sum().item()
+
+    quad = kron_score(stats, obs_quad)
+    second = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order=False)
+    both = KroneckerOBSImportance(stats, side=side, damping=gamma)
     for group in groups:
-        ref = group_reference(DG, group, kron_score(stats, obs_quad), side)
-        torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(second(group).double(), group_reference(DG, group, quad, side),
+                                   rtol=1e-4, atol=1e-10)
+        ref = group_reference(DG, group, lambda *a: quad(*a) + obs_first(*a), side)
+        torch.testing.assert_close(both(group).double(), ref, rtol=1e-4, atol=1e-9)
 
 
 class SharedLinear(nn.Module):
@@ -146,11 +182,18 @@ def test_fisher_diag_matches_per_example_gradients(tiny):
         rows = slice((c // d_in) * d_out, (c // d_in + 1) * d_out)
         return 0.5 * (w[rows, c % d_in] ** 2 * Fd[rows, c % d_in]).sum().item()
 
+    grads = mean_data_grads(model, batches)
+    for m in layers:
+        torch.testing.assert_close(fisher.mean_grad(m).reshape(m.weight.shape).double(), grads[m],
+                                   rtol=1e-4, atol=1e-8)
     for side in ("consumer", "producer"):
-        imp = FisherDiagImportance(fisher, side=side)
+        second = FisherDiagImportance(fisher, side=side, first_order=False)
+        both = FisherDiagImportance(fisher, side=side)
         for group in groups:
-            torch.testing.assert_close(imp(group).double(), group_reference(DG, group, score, side),
+            torch.testing.assert_close(second(group).double(), group_reference(DG, group, score, side),
                                        rtol=1e-4, atol=1e-12)
+            expected = group_reference(DG, group, lambda *a: score(*a) + first_order_ref(*a, grads), side)
+            torch.testing.assert_close(both(group).double(), expected, rtol=1e-4, atol=1e-9)
 
 
 # -- EigenDamage on a hand-built KFE block ------------------------------------------------------
@@ -196,17 +239,17 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
     in_group = group_with(DG, groups, block.core, "in")
     out_group = group_with(DG, groups, block.core, "out")
     for side in ("consumer", "producer"):
-        imp = EigenDamageImportance(stats, side=side)
+        imp = EigenDamageImportance(stats, side=side, first_order=False)
         torch.testing.assert_close(imp(in_group).double(), expect_in, rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(imp(out_group).double(), expect_out, rtol=1e-4, atol=1e-12)
 
     # outer channels: the block acts as one layer with Q_S W* Q_Aᵀ = W, A = Q_A Λ_A Q_Aᵀ and
     # S = Q_S Λ_S Q_Sᵀ, so they score as before the rewrite (block as consumer / as producer)
     stem_group = group_with(DG, groups, kfe_model.stem, "out")
-    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer")(stem_group).double(),
+    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer", first_order=False)(stem_group).double(),
                                residual_ref, rtol=1e-3, atol=1e-10)
     outer_out_group = group_with(DG, groups, block.rotate_out, "out")
-    torch.testing.assert_close(EigenDamageImportance(stats)(outer_out_group).double(), c1_out_ref,
+    torch.testing.assert_close(EigenDamageImportance(stats, first_order=False)(outer_out_group).double(), c1_out_ref,
                                rtol=1e-3, atol=1e-10)
 
     # pruning two directions: scores of the survivors keep their values
@@ -218,7 +261,7 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
     keep = [j for j in range(8) if j not in (0, 5)]
     W_kept = W_star[:, keep]
     expect_in = 0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher[:, keep]).sum(0)
-    torch.testing.assert_close(EigenDamageImportance(stats)(in_group).double(), expect_in,
+    torch.testing.assert_close(EigenDamageImportance(stats, first_order=False)(in_group).double(), expect_in,
                                rtol=1e-4, atol=1e-12)
 
 
@@ -248,7 +291,7 @@ def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
     fisher = torch.outer(lam_s[j_out], lam_a[j_in])
 
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    imp = EigenDamageImportance(empirical)
+    imp = EigenDamageImportance(empirical, first_order=False)
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(),
                                0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher).sum(0), rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(),
@@ -266,8 +309,41 @@ def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
         return fresh(layer, use, c)
 
     stem_group = group_with(DG, groups, model.stem, "out")
-    torch.testing.assert_close(EigenDamageImportance(empirical, side="consumer")(stem_group).double(),
+    torch.testing.assert_close(EigenDamageImportance(empirical, side="consumer", first_order=False)(stem_group).double(),
                                group_reference(DG, stem_group, score, "consumer"), rtol=1e-3, atol=1e-10)
+
+
+def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
+    """``block.mean_grad`` is ``∂L/∂W*`` (autograd on the rewritten model, data labels);
+    damage_in / damage_out add ``−Σ Ḡ* ⊙ W*`` over the direction, also after directions are
+    pruned; the block's outer channels add ``−Σ Ḡ ⊙ w`` of the layer it replaced."""
+    model, batches = tiny_setup()
+    before = mean_data_grads(model, batches)
+    c1 = model.c1
+    stats = collect_kfac(model, batches, progress=False)
+    DG0, groups0 = groups_of(model, EXAMPLE, ignored=[model.head])
+    stem_ref = group_reference(DG0, group_with(DG0, groups0, model.stem, "out"),
+                               kron_score(stats, grads=before), "consumer")
+    to_kfe(model, stats, modules=[c1])
+    block = model.c1
+    core_grad = mean_data_grads(model, batches)[block.core].flatten(2)
+    torch.testing.assert_close(block.mean_grad.double(), core_grad, rtol=1e-4, atol=1e-8)
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer")(
+        group_with(DG, groups, model.stem, "out")).double(), stem_ref, rtol=1e-3, atol=1e-9)
+    pruned = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
+    pruned.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()
+    pruned.get_pruning_group(block.core, tp.prune_conv_out_channels, [3]).prune()
+    keep_in, keep_out = [j for j in range(8) if j not in (0, 5)], [i for i in range(8) if i != 3]
+    W_star, fisher = block.core.weight.detach().double().flatten(2), block.fisher_diag.double()
+    per_weight = (0.5 * W_star.square().sum(-1) * fisher[keep_out][:, keep_in]
+                  - (W_star * core_grad[keep_out][:, keep_in]).sum(-1))
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    imp = EigenDamageImportance(stats)
+    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(), per_weight.sum(0),
+                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(), per_weight.sum(1),
+                               rtol=1e-4, atol=1e-9)
 
 
 def test_eigendamage_predicts_measured_loss_of_removing_directions():
@@ -286,7 +362,7 @@ def test_eigendamage_predicts_measured_loss_of_removing_directions():
     block = model.c3
     base = mean_loss(model, batches)
     DG, groups = groups_of(model, torch.randn(1, 1, 8, 8), ignored=[model.fc])
-    imp = EigenDamageImportance(stats)
+    imp = EigenDamageImportance(stats, first_order=False)
     predicted, measured = [], []
     for kind, dim in (("in", 1), ("out", 0)):
         group = group_with(DG, groups, block.core, kind)
@@ -313,7 +389,7 @@ def test_stale_plain_stats_raise_and_callable_stats_refresh():
         calls.append(1)
         return collect()
 
-    plain, lazy = KroneckerOBDImportance(stats), KroneckerOBDImportance(fresh)
+    plain, lazy = KroneckerOBDImportance(stats), KroneckerOBDImportance(fresh, first_order=False)
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
     lazy(groups[0])
     assert len(calls) == 1
@@ -423,10 +499,10 @@ def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():
     DG, groups = groups_of(model, torch.randn(1, 3, 32, 32), ignored=[model.head])
     assert any(item.dep.layer is model.blocks[0].attn.qkv for g in groups for item in g)
     for side in ("consumer", "producer"):
-        imp = KroneckerOBDImportance(stats, side=side)
+        imp = KroneckerOBDImportance(stats, side=side, first_order=False)
         for group in groups:
             kinds = {member_kind(DG, item.dep) for item in group}
-            has_side = bool(kinds & {"in" if side == "consumer" else "out", "both"})
+            has_side = bool(kinds & ({"in"} if side == "consumer" else {"out", "both"}))
             used = side if has_side else {"consumer": "producer", "producer": "consumer"}[side]
             ref = group_reference(DG, group, kron_score(stats), used)
             torch.testing.assert_close(imp(group).double(), ref, rtol=1e-4, atol=1e-12)

@@ -301,14 +301,16 @@ def test_dict_batches_batch_fn_and_forward_fn():
 
 
 def test_true_fisher_matches_the_analytic_softmax_expectation():
-    """fisher_type='true': S → mean_n diag(p_n) − p_n p_nᵀ; tolerance = 5 × the exact
-    Monte-Carlo standard deviation (enumerated over the C labels)."""
+    """fisher_type='true' with plain sampling (``y ~ p``): S → mean_n diag(p_n) − p_n p_nᵀ;
+    tolerance = 5 × the exact Monte-Carlo standard deviation (enumerated over the C labels).
+    The default, importance-sampled labels: tests/test_fidelity_terms.py."""
     torch.manual_seed(9)
     C, N, R = 3, 6, 4000
     lin = nn.Linear(4, C)
     x = torch.randn(N, 4)
     batch = x.repeat(R, 1)                         # each example drawn R times
-    f = ted.collect_kfac(lin, [batch], fisher_type="true", progress=False)[lin]
+    f = ted.collect_kfac(lin, [batch], fisher_type="true", sample_fn=ted.sample_categorical,
+                         progress=False, mean_gradient=False)[lin]
     p = torch.softmax(lin(x), -1).detach().double()
     S_exact = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
     gs = p[:, None, :] - torch.eye(C, dtype=p.dtype)[None]          # g for each label y: (N, y, C)
@@ -332,7 +334,7 @@ def test_true_fisher_with_gaussian_sampler_is_identity():
     lin = nn.Linear(3, 2)
     x = torch.randn(20000, 3)
     f = ted.collect_kfac(lin, [x], fisher_type="true", sample_fn=ted.sample_gaussian,
-                         loss_fn=ted.gaussian_nll, progress=False)[lin]
+                         loss_fn=ted.gaussian_nll, progress=False, mean_gradient=False)[lin]
     # entries of g gᵀ have variance ≤ 2 (χ²₁) → std of the mean ≤ sqrt(2/20000) = 0.01
     torch.testing.assert_close(f.grad_factor, torch.eye(2), atol=0.05, rtol=0)
 

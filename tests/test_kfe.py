@@ -13,7 +13,7 @@ def stats_of(model, x, **kw):
     """Factors from one batch; ``x=(inputs, labels)`` gives the (deterministic) empirical Fisher."""
     if isinstance(x, tuple):
         return collect_kfac(model, [x], fisher_type="empirical", progress=False, **kw)
-    return collect_kfac(model, [(x, None)], progress=False, **kw)
+    return collect_kfac(model, [(x, None)], progress=False, mean_gradient=False, **kw)
 
 
 def rel(a, b):

@@ -5,6 +5,7 @@ FLOPs come from Torch-Pruning's counter, the Torch-Pruning-criterion case is com
 Torch-Pruning's own ``BasePruner``, rollback with a snapshot taken before the call.
 """
 import copy
+import math
 
 import pytest
 import timm
@@ -248,7 +249,7 @@ def test_report_rows_totals_and_table():
     for row in report.rows:
         module = model.get_submodule(row.name)
         assert row.after.params == sum(p.numel() for p in module.parameters())
-        assert row.predicted_damage >= 0
+        assert math.isfinite(row.predicted_damage)  # < 0: removing it lowers the training loss
     assert sum(r.after.params for r in report.rows) < sum(r.before.params for r in report.rows)
     forms = [m.form if isinstance(m, ted.TwoLayerForm) else "kfe" for m in model.modules()
              if isinstance(m, (ted.KFEBlock, ted.TwoLayerForm))]

@@ -22,7 +22,8 @@ from .ekfac import fit_eigen_correction
 from .errors import (FisherInputError, InvalidArgumentError, KFACError, KFEError, ModelFileError,
                      PruneArgumentError, PruningError, StaleBasisError, StaleStatisticsError,
                      TargetUnreachableError, TPEigenDamageError, TrainingDivergedError)
-from .fisher import cross_entropy, gaussian_nll, sample_categorical, sample_gaussian
+from .fisher import (WeightedTargets, cross_entropy, gaussian_nll, importance_sample_categorical,
+                     sample_categorical, sample_gaussian)
 from .forms import TwoLayerForm
 from .fusion import fuse_for_inference
 from .importance import (CombinedImportance, EigenDamageImportance, FisherDiagImportance,
@@ -47,6 +48,7 @@ __all__ = [
     "prune", "PruneReport", "Cost", "METHODS", "Method",
     "save", "load",
     "cross_entropy", "gaussian_nll", "sample_categorical", "sample_gaussian",
+    "importance_sample_categorical", "WeightedTargets",
     "TPEigenDamageError", "InvalidArgumentError", "KFACError", "FisherInputError", "KFEError",
     "StaleBasisError", "PruneArgumentError", "ModelFileError", "StaleStatisticsError",
     "PruningError", "TargetUnreachableError", "TrainingDivergedError",

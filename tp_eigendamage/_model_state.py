@@ -7,8 +7,8 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["model_device", "restored_modes", "preserved_model_state", "CALL_HOOKS", "STATE_DICT_HOOKS",
-           "share_hooks", "has_state_dict_hooks", "adopt_modes_flags_hooks", "nearest_original"]
+__all__ = ["model_device", "restored_modes", "preserved_model_state", "grads_set_aside", "CALL_HOOKS",
+           "STATE_DICT_HOOKS", "share_hooks", "has_state_dict_hooks", "adopt_modes_flags_hooks", "nearest_original"]
 
 #: The hook tables of an ``nn.Module`` that act on a CALL (its inputs and outputs): a module
 #: replaced by another computing the same function (a KFE block, its fold) keeps them.
@@ -59,6 +59,23 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def grads_set_aside(model: nn.Module) -> Iterator[None]:
+    """No ``.grad`` on any parameter inside; every parameter's own ``.grad`` back after.
+
+    For passes that take weight gradients from ``.grad`` (post-accumulate hooks), so that what
+    the user had accumulated neither leaks into them nor is changed.
+    """
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.grad = None
+        yield
+    finally:
+        for p, grad in grads:
+            p.grad = grad
 
 
 def share_hooks(source: nn.Module, target: nn.Module, *, state_dict: bool) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import fisher
-from ._model_state import model_device, preserved_model_state
+from ._model_state import grads_set_aside, model_device, preserved_model_state
 from ._options import FISHER_TYPES, check_choice
 from .batches import batch_size, default_batch_fn, default_forward_fn, to_device
 from .errors import FisherInputError, KFACError, TPEigenDamageError
@@ -34,29 +34,44 @@ class OutputTap:
     """Observer of one layer during a Fisher pass: sees its input ``a`` at forward and
     ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
-    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`end_batch` and
-    :meth:`non_finite`. The forward hook returns ``output + probe`` with ``probe`` a zero scalar
-    leaf: differentiating the loss w.r.t. the probes alone reaches every layer output without
-    computing any weight gradient. The tensor hook sees the gradient of the value the layer
-    produced, even if a later op (an inplace activation) overwrites that tensor.
+    Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`on_data_weight_grad`,
+    :meth:`end_batch`, :meth:`discard_data_weight_grad` and :meth:`non_finite`. The forward
+    hook returns ``output + probe`` with ``probe`` a zero scalar leaf: differentiating the loss
+    w.r.t. the probes alone reaches every layer output without computing any weight gradient.
+    The tensor hook sees the gradient of the value the layer produced, even if a later op (an
+    inplace activation) overwrites that tensor; it reports to :meth:`on_grad` only in the
+    backward pass of the Fisher's labels (``fisher_labels``, set by :func:`fisher_passes`).
     """
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module, self.adapter = name, module, adapter_for(module)
         self.probes: List[torch.Tensor] = []
+        self.fisher_labels = True
 
     def on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
         """Called with the layer's input and output at every call."""
 
     def on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        """Called with the input of a call and ``∂(Σ_n ℓ_n)/∂output`` of that call."""
+        """Called with the input of a call and ``∂(Σ_n s_n ℓ_n)/∂output`` of that call (the
+        Fisher's labels: sampled for the true Fisher, with the sampler's scales ``s_n``)."""
+
+    def on_data_weight_grad(self, grad: torch.Tensor) -> None:
+        """Called once per batch with ``Σ_n ∂ℓ_n(y_n)/∂W``, the weight gradient with the DATA
+        labels ``y_n`` (passes with ``data_gradient=True`` only)."""
+
+    def discard_data_weight_grad(self) -> None:
+        """The data-label gradient cannot be completed (a batch had no targets): drop it."""
 
     def end_batch(self) -> None:
-        """Called after each batch's backward pass."""
+        """Called after each batch's backward pass(es)."""
 
     def non_finite(self) -> Optional[str]:
         """Name of what went non-finite in this layer's sums, if anything."""
         return None
+
+    def _on_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.fisher_labels:
+            self.on_grad(x, grad)
 
     def forward_hook(self, module, inputs, output):
         if not torch.is_grad_enabled():
@@ -66,12 +81,17 @@ class OutputTap:
         probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
         self.probes.append(probe)
         output = output + probe
-        output.register_hook(lambda grad: self.on_grad(x, grad))
+        output.register_hook(lambda grad: self._on_backward(x, grad))
         return output
 
     def take_probes(self) -> List[torch.Tensor]:
         probes, self.probes = self.probes, []
         return probes
+
+    def take_weight_grad(self, weight: torch.Tensor) -> None:
+        """Post-accumulate hook on the layer's weight: hand its gradient over and free it."""
+        self.on_data_weight_grad(weight.grad)
+        weight.grad = None
 
 
 class PerExampleGradientTap(OutputTap):
@@ -165,6 +185,48 @@ def check_pass_options(fisher_type: str, num_batches: Optional[int], sample_fn: 
         raise KFACError("sample_fn= only applies to fisher_type='true'")
 
 
+NO_TARGETS_WARNING = (
+    "a batch has no targets, so the mean data-label gradient (the first-order term of the damage, "
+    "docs/method.md §4) is not collected and damages are second order only; pass (inputs, "
+    "targets) batches to include it, or mean_gradient=False to silence this")
+
+
+def _per_example_losses(loss_fn: Callable, outputs, targets, step: int) -> torch.Tensor:
+    losses = loss_fn(outputs, targets)
+    if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
+            and losses.shape[0] == batch_size(outputs, losses.shape[0])):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise KFACError(
+            f"loss_fn must return one loss per example, shape (N,), got {shape}; "
+            "use reduction='none' so the factors are scaled per example")
+    if not bool(torch.isfinite(losses.detach()).all()):
+        raise FisherInputError(
+            f"loss_fn returned NaN or Inf in batch {step} for finite model outputs; "
+            "check the targets and the loss (e.g. log of zero)")
+    return losses
+
+
+def _backward(taps: Sequence[OutputTap], loss: torch.Tensor, probes: List[torch.Tensor],
+              weights: List[torch.Tensor], *, fisher_labels: bool, retain_graph: bool = False) -> None:
+    """``∂loss/∂(every tapped output)`` (seen by the taps' :meth:`OutputTap.on_grad` if
+    ``fisher_labels``) and ``∂loss/∂weights`` (one per tap, given to
+    :meth:`OutputTap.on_data_weight_grad` as soon as autograd has formed it, then dropped, so
+    at most one layer's weight gradient is held at a time)."""
+    for t in taps:
+        t.fisher_labels = fisher_labels
+    if not weights:
+        torch.autograd.grad(loss, probes, allow_unused=True, retain_graph=retain_graph)
+        return
+    handles = [w.register_post_accumulate_grad_hook(t.take_weight_grad) for t, w in zip(taps, weights)]
+    try:
+        torch.autograd.backward(loss, inputs=probes + weights, retain_graph=retain_graph)
+    finally:
+        for h in handles:
+            h.remove()
+        for t in probes + weights:
+            t.grad = None
+
+
 def _total_batches(data: Iterable, num_batches: Optional[int]) -> Optional[int]:
     try:
         total = len(data)
@@ -188,13 +250,20 @@ def fisher_passes(
     forward_fn: Callable = default_forward_fn,
     progress: bool = True,
     desc: str = "Fisher passes",
+    data_gradient: bool = False,
 ) -> float:
     """One forward and one per-example-loss backward per batch with ``taps`` hooked.
 
-    The backward pass differentiates ``Σ_n ℓ_n`` (``ℓ_n`` from ``loss_fn``, labels drawn by
-    ``sample_fn`` for the true Fisher) down to the tapped layer outputs only. Runs in eval mode
-    and leaves the model as found (modes, ``requires_grad``, hooks removed), also on errors.
-    Returns the number of examples seen.
+    The backward pass differentiates ``Σ_n s_n ℓ_n`` (``ℓ_n`` from ``loss_fn``; for the true
+    Fisher with labels and scales ``s_n`` drawn by ``sample_fn``, default
+    :func:`~tp_eigendamage.fisher.importance_sample_categorical`; ``s_n = 1`` otherwise) down to
+    the tapped layer outputs only (:meth:`OutputTap.on_grad`). With ``data_gradient=True`` the
+    taps also get the weight gradient ``Σ_n ∂ℓ_n(y_n)/∂W`` with the data labels
+    (:meth:`OutputTap.on_data_weight_grad`): from the same backward pass for the empirical
+    Fisher, from a second one (a plain backward to the tapped weights) for the true Fisher.
+    Batches without targets end the data-label part with a warning. Runs in eval mode and
+    leaves the model as found (modes, ``requires_grad``, ``.grad``, hooks removed), also on
+    errors. Returns the number of examples seen.
     """
     check_pass_options(fisher_type, num_batches, sample_fn)
     check_data(data)
@@ -205,14 +274,14 @@ def fisher_passes(
                       stacklevel=3)
     _raise_if_non_finite_state(model)
     loss_fn = loss_fn or fisher.cross_entropy
-    sample_fn = sample_fn or fisher.sample_categorical
+    sample_fn = sample_fn or fisher.importance_sample_categorical
     device = model_device(model)
 
     from tqdm.auto import tqdm
 
     handles, bar, num_examples = [], None, 0.0
     try:
-        with preserved_model_state(model):
+        with preserved_model_state(model), grads_set_aside(model):
             handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
             bar = tqdm(itertools.islice(data, num_batches), total=total, desc=desc,
                        disable=not progress, leave=False)
@@ -229,25 +298,31 @@ def fisher_passes(
                         "check the data, or pass batch_fn=/forward_fn= to adapt it") from exc
                 _raise_if_non_finite(taps, step)
                 _raise_if_non_finite_outputs(outputs, step)
+                scale = None
                 if fisher_type == "true":
-                    targets = sample_fn(outputs)
+                    drawn = sample_fn(outputs)
+                    fisher_targets, scale = drawn if isinstance(drawn, fisher.WeightedTargets) else (drawn, None)
                 elif targets is None:
                     raise KFACError("fisher_type='empirical' needs targets in every batch; "
                                     "the batch has none (or use fisher_type='true')")
-                losses = loss_fn(outputs, targets)
-                if not (isinstance(losses, torch.Tensor) and losses.dim() == 1
-                        and losses.shape[0] == batch_size(outputs, losses.shape[0])):
-                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise KFACError(
-                        f"loss_fn must return one loss per example, shape (N,), got {shape}; "
-                        "use reduction='none' so the factors are scaled per example")
-                if not bool(torch.isfinite(losses.detach()).all()):
-                    raise FisherInputError(
-                        f"loss_fn returned NaN or Inf in batch {step} for finite model outputs; "
-                        "check the targets and the loss (e.g. log of zero)")
+                else:
+                    fisher_targets = targets
+                if data_gradient and targets is None:
+                    warnings.warn(NO_TARGETS_WARNING, stacklevel=3)
+                    data_gradient = False
+                    for t in taps:
+                        t.discard_data_weight_grad()
+                losses = _per_example_losses(loss_fn, outputs, fisher_targets, step)
                 probes = [p for t in taps for p in t.take_probes()]
                 if probes and losses.requires_grad:
-                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
+                    weights = [t.module.weight for t in taps] if data_gradient else []
+                    weighted = losses if scale is None else losses * scale.to(losses.dtype)
+                    if fisher_type == "true" and weights:
+                        _backward(taps, weighted.sum(), probes, [], fisher_labels=True, retain_graph=True)
+                        data_losses = _per_example_losses(loss_fn, outputs, targets, step)
+                        _backward(taps, data_losses.sum(), [], weights, fisher_labels=False)
+                    else:
+                        _backward(taps, weighted.sum(), probes, weights, fisher_labels=True)
                 for t in taps:
                     t.end_batch()
                 _raise_if_non_finite(taps[::-1], step)
@@ -255,6 +330,8 @@ def fisher_passes(
     finally:
         for h in handles:
             h.remove()
+        for t in taps:
+            t.fisher_labels = True
         if bar is not None:
             bar.close()
     if num_examples == 0:

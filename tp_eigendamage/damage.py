@@ -1,16 +1,24 @@
-"""Second-order damage of removing channels, in loss units (docs/method.md §4, §8).
+"""Damage of removing channels, in loss units (docs/method.md §4, §8).
+
+Removing weights changes them by ``Δ`` (``Δ = −w`` on the removed weights, plus the
+compensation for OBS) and the mean training loss by
+
+    damage = Σ Ḡ ⊙ Δ  +  ½ vec(Δ)ᵀ F vec(Δ)
+
+with ``Ḡ`` the mean data-label gradient (``mean_grad``, the first-order term; omitted when
+``None``) and ``F`` the Fisher's approximation (K-FAC, EK-FAC or diagonal).
 
 Tensor math, no Torch-Pruning. Every function takes a layer's weight as the
 ``(G, d_out, d_in, K)`` block view of :meth:`LayerAdapter.weight_blocks` (``G`` groups,
-``K`` kernel offsets) and per-group channel-mode K-FAC factors ``A`` ``(G, d_in, d_in)`` and
-``S`` ``(G, d_out, d_out)``. Results are per channel in the layer's own channel order:
-input channel ``c = g·d_in + j``, output channel ``c = g·d_out + i`` (Torch-Pruning's order).
-Computed in float64. :func:`obs_damage` / :func:`obs_compensation` apply the Kron-OBS
-formulas to a layer and its ``stats[layer]``.
+``K`` kernel offsets), ``mean_grad`` in the same layout, and per-group channel-mode K-FAC
+factors ``A`` ``(G, d_in, d_in)`` and ``S`` ``(G, d_out, d_out)``. Results are per channel in
+the layer's own channel order: input channel ``c = g·d_in + j``, output channel
+``c = g·d_out + i`` (Torch-Pruning's order). Computed in float64. :func:`obs_damage` /
+:func:`obs_compensation` apply the Kron-OBS formulas to a layer and its ``stats[layer]``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,41 +41,75 @@ def _f64(*tensors):
     return tuple(t.detach().double() for t in tensors)
 
 
-def kron_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """Kron-OBD, input channel j: ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``, shape ``(G·d_in,)``."""
+def first_order_in(w: torch.Tensor, mean_grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """First-order term of removing input channel j: ``−Σ_{o,k} Ḡ_{ojk} w_{ojk}``, ``(G·d_in,)``;
+    zeros if ``mean_grad`` is ``None``."""
+    if mean_grad is None:
+        return torch.zeros(w.shape[0] * w.shape[2], dtype=torch.float64, device=w.device)
+    w, mean_grad = _f64(w, mean_grad)
+    return -(w * mean_grad).sum(dim=(1, 3)).reshape(-1)
+
+
+def first_order_out(w: torch.Tensor, mean_grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """First-order term of removing output channel i: ``−Σ_{j,k} Ḡ_{ijk} w_{ijk}``, ``(G·d_out,)``."""
+    if mean_grad is None:
+        return torch.zeros(w.shape[0] * w.shape[1], dtype=torch.float64, device=w.device)
+    w, mean_grad = _f64(w, mean_grad)
+    return -(w * mean_grad).sum(dim=(2, 3)).reshape(-1)
+
+
+def kron_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+                   mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kron-OBD, input channel j: ``−Σ_{o,k} Ḡ_{ojk} w_{ojk} + ½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``,
+    shape ``(G·d_in,)``."""
     w, A, S = _f64(w, A, S)
     quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
-    return (0.5 * torch.diagonal(A, dim1=-2, dim2=-1) * quad).reshape(-1)
+    return (0.5 * torch.diagonal(A, dim1=-2, dim2=-1) * quad).reshape(-1) + first_order_in(w, mean_grad)
 
 
-def kron_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """Kron-OBD, output channel i: ``½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``, shape ``(G·d_out,)``."""
+def kron_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+                    mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kron-OBD, output channel i: ``−Σ_{j,k} Ḡ_{ijk} w_{ijk} + ½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``,
+    shape ``(G·d_out,)``."""
     w, A, S = _f64(w, A, S)
     quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
-    return (0.5 * torch.diagonal(S, dim1=-2, dim2=-1) * quad).reshape(-1)
+    return (0.5 * torch.diagonal(S, dim1=-2, dim2=-1) * quad).reshape(-1) + first_order_out(w, mean_grad)
 
 
-def diag_in_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
-    """C-OBD, input channel j: ``½ Σ_{i,k} w_{ijk}² F_{ijk}`` (``fisher`` shaped like ``w``)."""
+def diag_in_damage(w: torch.Tensor, fisher: torch.Tensor, mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C-OBD, input channel j: ``Σ_{i,k} (−Ḡ_{ijk} w_{ijk} + ½ w_{ijk}² F_{ijk})`` (``fisher``
+    shaped like ``w``)."""
     w, fisher = _f64(w, fisher)
-    return (0.5 * (w.square() * fisher).sum(dim=(1, 3))).reshape(-1)
+    return (0.5 * (w.square() * fisher).sum(dim=(1, 3))).reshape(-1) + first_order_in(w, mean_grad)
 
 
-def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
-    """C-OBD, output channel i: ``½ Σ_{j,k} w_{ijk}² F_{ijk}``."""
+def diag_out_damage(w: torch.Tensor, fisher: torch.Tensor, mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C-OBD, output channel i: ``Σ_{j,k} (−Ḡ_{ijk} w_{ijk} + ½ w_{ijk}² F_{ijk})``."""
     w, fisher = _f64(w, fisher)
-    return (0.5 * (w.square() * fisher).sum(dim=(2, 3))).reshape(-1)
+    return (0.5 * (w.square() * fisher).sum(dim=(2, 3))).reshape(-1) + first_order_out(w, mean_grad)
 
 
-def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def eigen_damages(core: torch.Tensor, fisher_diag: torch.Tensor, mean_grad: Optional[torch.Tensor] = None,
+                  removal_fisher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """EigenDamage (docs/method.md §4) of a KFE core ``W*`` ``(r_out, r_in, K)``.
 
-    ``damage_in(j) = ½ Σ_i Σ_k W*_{ijk}² F_ij`` and ``damage_out(i) = ½ Σ_j Σ_k W*_{ijk}² F_ij``
-    with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE (``λ_S,i λ_A,j`` or EK-FAC).
+    ``damage_in(j) = Σ_i Σ_k (−Ḡ*_{ijk} W*_{ijk} + ½ W*_{ijk}² F_ij)`` and ``damage_out(i)`` the
+    same sum over ``j``, with ``F`` ``(r_out, r_in)`` the Fisher diagonal in the KFE
+    (``λ_S,i λ_A,j`` or EK-FAC) and ``Ḡ* = Q_Sᵀ Ḡ Q_A`` the mean data-label gradient in the KFE
+    (``(r_out, r_in, K)``, first-order term; omitted if ``None``). With ``removal_fisher =
+    (q_in, q_out)``, the exact quadratic forms along each removal (EK-FAC refit), the quadratic
+    terms are ``½ q_in_j`` and ``½ q_out_i`` instead.
     """
     core, fisher_diag = _f64(core, fisher_diag)
     per_weight = 0.5 * core.square().sum(dim=-1) * fisher_diag
-    return per_weight.sum(dim=0), per_weight.sum(dim=1)
+    quad_in, quad_out = per_weight.sum(dim=0), per_weight.sum(dim=1)
+    if removal_fisher is not None:
+        quad_in, quad_out = (0.5 * q.double() for q in removal_fisher)
+    if mean_grad is None:
+        return quad_in, quad_out
+    first = (core * mean_grad.double()).sum(dim=-1)
+    return quad_in - first.sum(dim=0), quad_out - first.sum(dim=1)
 
 
 def damped_inverse(M: torch.Tensor, damping: float) -> torch.Tensor:
@@ -78,18 +120,37 @@ def damped_inverse(M: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.inv(M + damping * scale[..., None, None] * eye)
 
 
-def obs_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float) -> torch.Tensor:
-    """Kron-OBS, single input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``."""
+def obs_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float,
+                  mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kron-OBS, single input channel j: ``Σ Ḡ ⊙ Δ + ½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``.
+
+    ``Δ_{:,:,k} = −w_{:,j,k} [A⁻¹]_{j,:} / [A⁻¹]_jj`` is the OBS update (it zeroes column j and
+    compensates the others), so the first-order term is
+    ``−Σ_{o,k} w_{ojk} (Ḡ_k A⁻¹)_{oj} / [A⁻¹]_jj``.
+    """
     w, S = _f64(w, S)
-    quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
-    return (0.5 * quad / torch.diagonal(damped_inverse(A, damping), dim1=-2, dim2=-1)).reshape(-1)
+    A_inv = damped_inverse(A, damping)
+    pivot = torch.diagonal(A_inv, dim1=-2, dim2=-1)
+    damage = 0.5 * torch.einsum("gojk,gop,gpjk->gj", w, S, w) / pivot
+    if mean_grad is not None:
+        damage = damage - torch.einsum("gojk,goik,gij->gj", w, mean_grad.double(), A_inv) / pivot
+    return damage.reshape(-1)
 
 
-def obs_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float) -> torch.Tensor:
-    """Kron-OBS, single output channel i: ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``."""
+def obs_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, damping: float,
+                   mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kron-OBS, single output channel i: ``Σ Ḡ ⊙ Δ + ½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``.
+
+    With the update ``Δ_{:,:,k} = −[S⁻¹]_{:,i} w_{i,:,k}ᵀ / [S⁻¹]_ii`` the first-order term is
+    ``−Σ_{j,k} w_{ijk} (S⁻¹ Ḡ_k)_{ij} / [S⁻¹]_ii``.
+    """
     w, A = _f64(w, A)
-    quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
-    return (0.5 * quad / torch.diagonal(damped_inverse(S, damping), dim1=-2, dim2=-1)).reshape(-1)
+    S_inv = damped_inverse(S, damping)
+    pivot = torch.diagonal(S_inv, dim1=-2, dim2=-1)
+    damage = 0.5 * torch.einsum("gijk,gjl,gilk->gi", w, A, w) / pivot
+    if mean_grad is not None:
+        damage = damage - torch.einsum("gijk,gio,gojk->gi", w, S_inv, mean_grad.double()) / pivot
+    return damage.reshape(-1)
 
 
 def split_by_group(channels: Sequence[int], per_group: int, groups: int):
@@ -99,13 +160,13 @@ def split_by_group(channels: Sequence[int], per_group: int, groups: int):
 
 
 def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Sequence[int],
-                 damping: float) -> Tuple[float, torch.Tensor]:
+                 damping: float, mean_grad: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
     """Joint Kron-OBS removal of the input channels ``removed`` (docs/method.md §8).
 
     Per group and kernel offset, with ``P`` the removed channels and ``M = ([A⁻¹]_PP)⁻¹``:
-    damage ``½ Σ_k tr(W_Pᵀ S W_P M)`` and update ``ΔW = −W_P M [A⁻¹]_P,:`` (which sets ``W_P``
-    to zero and compensates the remaining columns). Returns ``(damage, ΔW)``, ``ΔW`` shaped
-    like ``w`` (float64).
+    update ``ΔW = −W_P M [A⁻¹]_P,:`` (which sets ``W_P`` to zero and compensates the remaining
+    columns) and damage ``Σ Ḡ ⊙ ΔW + ½ Σ_k tr(W_Pᵀ S W_P M)`` (the first-order term only if
+    ``mean_grad`` is given). Returns ``(damage, ΔW)``, ``ΔW`` shaped like ``w`` (float64).
     """
     w64, S64 = _f64(w, S)
     A_inv = damped_inverse(A, damping)
@@ -120,6 +181,8 @@ def obs_in_joint(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor, removed: Seq
         damage += 0.5 * torch.einsum("opk,oq,qrk,rp->", W_P, S64[g], W_P, M)
         delta[g] = -torch.einsum("opk,pr,rj->ojk", W_P, M, A_inv[g][P])
         delta[g][:, P, :] = -W_P                                # exactly, not up to round-off
+    if mean_grad is not None:
+        damage += (mean_grad.double() * delta).sum()
     return float(damage), delta
 
 
@@ -150,14 +213,18 @@ def _obs_operands(module: nn.Module, factors: KFACFactors, removed_in_idxs):
 
 
 def obs_damage(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],
-               damping: float = OBS_DAMPING) -> float:
-    """Predicted loss increase ``½ tr(W_Pᵀ S W_P ([A⁻¹]_PP)⁻¹)`` of removing the input channels
-    ``removed_in_idxs`` of ``module`` together, with OBS compensation (see :func:`obs_in_joint`).
+               damping: float = OBS_DAMPING, *, first_order: bool = True) -> float:
+    """Predicted loss increase ``Σ Ḡ ⊙ ΔW + ½ tr(W_Pᵀ S W_P ([A⁻¹]_PP)⁻¹)`` of removing the input
+    channels ``removed_in_idxs`` of ``module`` together, with OBS compensation ``ΔW`` (see
+    :func:`obs_in_joint`).
 
     ``factors`` is ``stats[module]``; ``damping`` γ regularizes ``A`` as ``A + γ·mean(diag A)·I``.
+    The first-order term uses ``factors.mean_grad`` (skipped if ``first_order=False`` or if the
+    statistics hold no mean gradient).
     """
     w, A, S, channels = _obs_operands(module, factors, removed_in_idxs)
-    return obs_in_joint(w, A, S, channels, damping)[0]
+    mean_grad = factors.mean_grad if first_order else None
+    return obs_in_joint(w, A, S, channels, damping, mean_grad)[0]
 
 
 def obs_compensation(module: nn.Module, factors: KFACFactors, removed_in_idxs: Sequence[int],

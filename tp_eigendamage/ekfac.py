@@ -16,10 +16,20 @@ one value per (output, input) direction shared by every kernel offset, as ``fish
 is used: ``damage = ½ Σ_k (W*_{ijk})² F_ij``. The ``1/K`` matches channel-mode K-FAC, whose
 ``A`` averages over kernel offsets: with one example and one output location (where K-FAC is
 exact) ``F_ij = g*_i² · (1/K) Σ_k x*_{kj}² = λ_S,i λ_A,j``.
+
+The same per-example gradients give the Fisher's quadratic form along each single removal
+EXACTLY (no diagonal, Kronecker or spatial approximation): removing input direction j changes
+the core weight by ``−W*_{:,j,:}``, so
+
+    removal_in_j  = E_n[ (Σ_{i,k} (G_n)_{ijk} W*_{ijk})² ],
+    removal_out_i = E_n[ (Σ_{j,k} (G_n)_{ijk} W*_{ijk})² ]
+
+(stored as ``KFEBlock.removal_fisher_in`` / ``removal_fisher_out``). After a refit the
+EigenDamage of direction j is ``first-order term + ½ removal_in_j`` (docs/fidelity.md).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,18 +50,43 @@ class _CoreRecorder(PerExampleGradientTap):
         super().__init__(name, block.core)
         self.block, self.core = block, block.core
         self.sq_sum: Optional[torch.Tensor] = None
+        self.removal_sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.grad_sum: Optional[torch.Tensor] = None
+        self.collect_mean_grad = True
+
+    def on_data_weight_grad(self, grad):
+        if self.collect_mean_grad:
+            total = self.adapter.weight_blocks(self.core, weight=grad.detach().double())[0]
+            self.grad_sum = total if self.grad_sum is None else self.grad_sum + total
+
+    def discard_data_weight_grad(self) -> None:
+        self.collect_mean_grad, self.grad_sum = False, None
 
     def add_gradients(self, grads: torch.Tensor) -> None:
-        sq = grads[:, 0].double().pow(2).sum(dim=(0, 3))
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        """``Σ_n Σ_k G_n²`` and ``Σ_n (Σ G_n ⊙ W*)²`` per input / output direction of a chunk
+        of per-example gradients ``G_n``."""
+        G = grads[:, 0].double()
+        core = self.adapter.weight_blocks(self.core)[0].detach().double()
+        along = G * core
+        sums = (G.pow(2).sum(dim=(0, 3)), along.sum(dim=(1, 3)).pow(2).sum(0),
+                along.sum(dim=(2, 3)).pow(2).sum(0))
+        if self.sq_sum is None:
+            self.sq_sum, self.removal_sums = sums[0], sums[1:]
+        else:
+            self.sq_sum = self.sq_sum + sums[0]
+            self.removal_sums = tuple(a + b for a, b in zip(self.removal_sums, sums[1:]))
 
     def non_finite(self) -> Optional[str]:
         ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
         return None if ok else "per-example gradients in the KFE"
 
 
-def fit_eigen_correction(model: nn.Module, data, **pass_options) -> Dict[str, torch.Tensor]:
-    """Refit every KFE block's ``fisher_diag`` with EK-FAC: ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``.
+def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,
+                         **pass_options) -> Dict[str, torch.Tensor]:
+    """Refit every KFE block's ``fisher_diag`` with EK-FAC, ``F_ij = E_n[(1/K) Σ_k (G_n)_ijk²]``,
+    its exact single-removal Fisher ``removal_fisher_in`` / ``removal_fisher_out`` (module
+    docstring) and, with ``mean_gradient``, its ``mean_grad`` ``Ḡ* = E_n[∂ℓ_n(y_n)/∂W*]`` (data
+    labels; kept as it was if the batches have no targets).
 
     Args:
         model: a model holding KFE blocks (:func:`~tp_eigendamage.to_kfe`).
@@ -76,14 +111,21 @@ def fit_eigen_correction(model: nn.Module, data, **pass_options) -> Dict[str, to
     if not blocks:
         raise KFEError("the model has no KFE blocks; call to_kfe(model, stats) first")
     recorders = [_CoreRecorder(name, blk) for name, blk in blocks]
-    num_examples = fisher_passes(model, data, recorders, desc="EK-FAC refit", **pass_options)
+    num_examples = fisher_passes(model, data, recorders, desc="EK-FAC refit",
+                                 data_gradient=mean_gradient, **pass_options)
     idle = [r.name for r in recorders if r.sq_sum is None]
     if idle:
         raise KFEError(f"the cores of {idle} never ran in forward; check the forward pass")
-    num_examples, = all_reduce_sums([r.sq_sum for r in recorders], [num_examples], model_device(model))
+    num_examples, = all_reduce_sums([t for r in recorders for t in (r.sq_sum, *r.removal_sums, r.grad_sum)
+                                     if t is not None], [num_examples], model_device(model))
     refits = [(r, r.sq_sum / (num_examples * r.adapter.kernel_numel(r.core))) for r in recorders]
     for r, F in refits:
         r.block.keep_surviving_buffers()
-        r.block.fisher_diag = F.to(r.block.fisher_diag.device, r.block.fisher_diag.dtype)
+        like = r.block.fisher_diag
+        cast = lambda t: (t / num_examples).to(like.device, like.dtype)  # noqa: E731
+        r.block.fisher_diag = F.to(like.device, like.dtype)
+        r.block.removal_fisher_in, r.block.removal_fisher_out = (cast(t) for t in r.removal_sums)
+        if r.grad_sum is not None:
+            r.block.mean_grad = cast(r.grad_sum)
         r.block.eigen_corrected = True
     return {r.name: r.block.fisher_diag for r in recorders}

@@ -17,7 +17,9 @@ output locations as independent, which there underestimated the curvature of a c
 of the Linear classifier only ~2×; consumer sums mix both kinds (channels read by the
 classifier look too expensive next to channels read by convs), producer sums are all convs.
 
-A depthwise conv is both (its input and output channel are removed together). A group with no
+A depthwise conv reads and writes the same channel: it is a producer, not a consumer (the channel
+leaves the group only through the layers that read it without writing it, e.g. the pointwise
+conv after it, so removing the channel changes the network exactly there). A group with no
 member on the chosen side (e.g. channels that reach the model output directly) uses the other.
 
 Statistics may be given as a mapping (``KFACStats`` / ``FisherDiagStats``) or as a zero-arg
@@ -28,6 +30,7 @@ Statistics collected on another copy of the model are matched by qualified layer
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -109,7 +112,7 @@ def _normalize(scores: torch.Tensor, normalizer) -> torch.Tensor:
     if callable(normalizer):
         return normalizer(scores)
     reference = {"mean": scores.mean(), "sum": scores.sum(), "max": scores.max()}[normalizer]
-    return scores / reference.clamp_min(torch.finfo(scores.dtype).tiny)
+    return scores / reference.abs().clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 class _ChannelImportance(tp.importance.Importance):
@@ -117,14 +120,28 @@ class _ChannelImportance(tp.importance.Importance):
 
     what = "KFACStats"
 
-    def __init__(self, stats, *, side: Side = "producer", normalizer=None):
+    def __init__(self, stats, *, side: Side = "producer", normalizer=None, first_order: bool = True):
         check_choice(side, "side", SIDES, hint="'producer': output-side damage of the layers "
                      "writing a channel; 'consumer': input-side damage of the layers reading it")
         if not callable(normalizer):
             check_choice(normalizer, "normalizer", NORMALIZERS, hint="or pass a callable; None "
                          "keeps loss units, needed for global pruning")
-        self.side, self.normalizer = side, normalizer
+        self.side, self.normalizer, self.first_order = side, normalizer, bool(first_order)
         self._statistics = _Statistics(stats, self.what)
+        self._warned_no_gradient = False
+
+    def _first_order(self, mean_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``mean_grad`` if the first-order term is on (``None`` = second order only); warns once
+        when the statistics hold no mean gradient."""
+        if not self.first_order:
+            return None
+        if mean_grad is None and not self._warned_no_gradient:
+            self._warned_no_gradient = True
+            warnings.warn(f"{type(self).__name__}(first_order=True): the statistics hold no mean "
+                          "data-label gradient (collected with mean_gradient=False or from batches "
+                          "without targets), so damages are second order only; pass "
+                          "first_order=False to silence this", stacklevel=4)
+        return mean_grad
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def _prepare(self, model: nn.Module) -> None:
@@ -142,7 +159,7 @@ class _ChannelImportance(tp.importance.Importance):
 
     def _member_damage(self, module, reads: bool, writes: bool, side: str, stats):
         """Damage over all channels of ``module`` for this member, or ``None``."""
-        if side == "consumer" and reads:
+        if side == "consumer" and reads and not writes:
             return self._in_damage(module, stats)
         if side == "producer" and writes:
             return self._out_damage(module, stats)
@@ -189,25 +206,29 @@ class _ChannelImportance(tp.importance.Importance):
 
 
 class KroneckerOBDImportance(_ChannelImportance):
-    """Kron-OBD channel damage (docs/method.md §8) from channel-mode K-FAC factors.
+    """Kron-OBD channel damage (docs/method.md §8) from channel-mode K-FAC factors and the mean
+    gradient ``Ḡ`` (§4).
 
-    * input channel j (consumer side): ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``;
-    * output channel c (producer side): ``½ S_cc · Σ_k w_{c,:,k}ᵀ A w_{c,:,k}``.
+    * input channel j (consumer side): ``Σ_k (−Ḡ_{:,j,k} · w_{:,j,k} + ½ A_jj · w_{:,j,k}ᵀ S w_{:,j,k})``;
+    * output channel c (producer side): ``Σ_k (−Ḡ_{c,:,k} · w_{c,:,k} + ½ S_cc · w_{c,:,k}ᵀ A w_{c,:,k})``.
 
+    ``first_order=False`` drops the ``Ḡ`` terms (the paper's damage; docs/fidelity.md).
     Grouped / depthwise convs use their per-group factors. ``stats``: a ``KFACStats`` or a
     zero-arg callable returning one.
     """
 
-    def __init__(self, stats: KFACSource, side: Side = "producer", *, normalizer=None):
-        super().__init__(stats, side=side, normalizer=normalizer)
+    def __init__(self, stats: KFACSource, side: Side = "producer", *, normalizer=None,
+                 first_order: bool = True):
+        super().__init__(stats, side=side, normalizer=normalizer, first_order=first_order)
 
-    def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w, A, S)``: weight blocks ``(G, d_out, d_in, K)`` and per-group factors."""
+    def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(w, A, S, Ḡ)``: weight blocks ``(G, d_out, d_in, K)``, per-group factors and the mean
+        data-label gradient (``None`` if ``first_order=False``)."""
         f = stats[module]
         if f.factor_mode != "channel":
             raise InvalidArgumentError(f"channel criteria need factor_mode='channel' statistics, layer "
                              f"'{f.name}' has {f.factor_mode!r}; collect_kfac(..., factor_mode='channel')")
-        return f.weight_blocks(module), f.input_blocks, f.grad_blocks
+        return f.weight_blocks(module), f.input_blocks, f.grad_blocks, self._first_order(f.mean_grad)
 
     @staticmethod
     def _per_input(module, stats, per_channel: torch.Tensor) -> torch.Tensor:
@@ -228,8 +249,9 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
     """Kron-OBS single-channel damage with compensation of the remaining weights (docs/method.md §8).
 
     Input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``; output channel i:
-    ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``. Inverses are damped,
-    ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
+    ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``; plus ``Σ Ḡ ⊙ Δ`` along the OBS update ``Δ``
+    (:func:`tp_eigendamage.damage.obs_in_damage`, ``first_order=False`` drops it). Inverses are
+    damped, ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
     Apply the matching update with :func:`tp_eigendamage.damage.obs_compensation`.
 
     The default side is ``"consumer"``: the compensation updates the layers that READ the
@@ -237,35 +259,43 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
     """
 
     def __init__(self, stats: KFACSource, side: Side = "consumer", *,
-                 damping: float = damage.OBS_DAMPING, normalizer=None):
+                 damping: float = damage.OBS_DAMPING, normalizer=None, first_order: bool = True):
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise InvalidArgumentError(f"damping={damping!r}; pass a non-negative number (γ in A + γ·mean(diag A)·I)")
-        super().__init__(stats, side, normalizer=normalizer)
+        super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self.damping = float(damping)
 
     def _in_damage(self, module, stats):
-        return self._per_input(module, stats, damage.obs_in_damage(*self._curvature(module, stats), self.damping))
+        w, A, S, mean_grad = self._curvature(module, stats)
+        return self._per_input(module, stats, damage.obs_in_damage(w, A, S, self.damping, mean_grad))
 
     def _out_damage(self, module, stats):
-        return damage.obs_out_damage(*self._curvature(module, stats), self.damping)
+        w, A, S, mean_grad = self._curvature(module, stats)
+        return damage.obs_out_damage(w, A, S, self.damping, mean_grad)
 
 
 class FisherDiagImportance(_ChannelImportance):
-    """C-OBD: ``½ Σ w² F_diag`` over the channel's weights (its column block on the consumer
-    side, its row on the producer side). ``fisher``: the result of
-    :func:`tp_eigendamage.diag_fisher.collect_fisher_diag` or a zero-arg callable returning one.
+    """C-OBD: ``Σ (−Ḡ w + ½ w² F_diag)`` over the channel's weights (its column block on the
+    consumer side, its row on the producer side; ``first_order=False`` drops ``−Ḡ w``).
+    ``fisher``: the result of :func:`tp_eigendamage.diag_fisher.collect_fisher_diag` or a
+    zero-arg callable returning one.
     """
 
     what = "FisherDiagStats"
 
-    def __init__(self, fisher: FisherDiagSource, side: Side = "producer", *, normalizer=None):
-        super().__init__(fisher, side=side, normalizer=normalizer)
+    def __init__(self, fisher: FisherDiagSource, side: Side = "producer", *, normalizer=None,
+                 first_order: bool = True):
+        super().__init__(fisher, side=side, normalizer=normalizer, first_order=first_order)
+
+    def _operands(self, module, stats):
+        return (adapter_for(module).weight_blocks(module), stats[module],
+                self._first_order(stats.mean_grad(module)))
 
     def _in_damage(self, module, stats):
-        return damage.diag_in_damage(adapter_for(module).weight_blocks(module), stats[module])
+        return damage.diag_in_damage(*self._operands(module, stats))
 
     def _out_damage(self, module, stats):
-        return damage.diag_out_damage(adapter_for(module).weight_blocks(module), stats[module])
+        return damage.diag_out_damage(*self._operands(module, stats))
 
 
 class EigenDamageImportance(KroneckerOBDImportance):
@@ -273,9 +303,11 @@ class EigenDamageImportance(KroneckerOBDImportance):
 
     Members belonging to a :class:`~tp_eigendamage.kfe.KFEBlock`:
 
-    * core input / output channels (eigen-directions): ``damage_in`` / ``damage_out`` from the
-      core weight ``W*`` and ``block.fisher_diag`` restricted to the surviving directions,
-      whatever the side; no statistics needed;
+    * core input / output channels (eigen-directions): ``damage_in`` / ``damage_out``
+      (:func:`tp_eigendamage.damage.eigen_damages`) from the core weight ``W*``,
+      ``block.fisher_diag`` (or, after an EK-FAC refit, the exact single-removal Fisher
+      ``block.removal_fisher_in/out``) and ``block.mean_grad``, restricted to the surviving
+      directions, whatever the side; no statistics needed;
     * ``rotate_in`` output and ``rotate_out`` input channels (the same directions): nothing;
     * the block's outer channels (``rotate_in`` inputs / ``rotate_out`` outputs): Kron-OBD of
       the block as one layer, weight ``Q_S W* Q_Aᵀ`` (current rotation weights) and factors
@@ -286,8 +318,9 @@ class EigenDamageImportance(KroneckerOBDImportance):
     channels of all layers in one list.
     """
 
-    def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None):
-        super().__init__(stats, side, normalizer=normalizer)
+    def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None,
+                 first_order: bool = True):
+        super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
 
     def _prepare(self, model):
@@ -311,17 +344,19 @@ class EigenDamageImportance(KroneckerOBDImportance):
             return damage.kron_out_damage(*self._block_curvature(block))
         return None
 
-    @staticmethod
-    def _eigen_damages(block: KFEBlock):
+    def _eigen_damages(self, block: KFEBlock):
         core = adapter_for(block.core).weight_blocks(block.core)
         in_idx, out_idx = block.surviving_directions()
-        fisher_diag = block.fisher_diag[out_idx][:, in_idx]
-        return damage.eigen_damages(core[0], fisher_diag)
+        mean_grad = self._first_order(block.mean_grad)
+        removal = (None if block.removal_fisher_in is None else
+                   (block.removal_fisher_in[in_idx], block.removal_fisher_out[out_idx]))
+        return damage.eigen_damages(core[0], block.fisher_diag[out_idx][:, in_idx],
+                                    None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
 
-    @staticmethod
-    def _block_curvature(block: KFEBlock):
-        """``(w, A, S)`` of the block as one layer, ``w = Q_S W* Q_Aᵀ`` per kernel offset, and
-        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels."""
+    def _block_curvature(self, block: KFEBlock):
+        """``(w, A, S, Ḡ)`` of the block as one layer: ``w = Q_S W* Q_Aᵀ`` per kernel offset,
+        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels and
+        ``Ḡ = basis_out Ḡ* basis_inᵀ`` over the same rows."""
         core = adapter_for(block.core).weight_blocks(block.core).double()
         R_in = block.rotation_in_matrix().double()
         R_out = block.rotation_out_matrix().double()
@@ -330,7 +365,10 @@ class EigenDamageImportance(KroneckerOBDImportance):
         Q_A, Q_S = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
         A = (Q_A * block.eigen_in.double()) @ Q_A.T
         S = (Q_S * block.eigen_out.double()) @ Q_S.T
-        return w, A[None], S[None]
+        mean_grad = self._first_order(block.mean_grad)
+        if mean_grad is not None:
+            mean_grad = torch.einsum("or,rsk,js->ojk", Q_S, mean_grad.double(), Q_A)[None]
+        return w, A[None], S[None], mean_grad
 
 
 # -- mixing criteria --------------------------------------------------------------------------

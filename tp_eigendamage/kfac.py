@@ -12,8 +12,10 @@ with this split of the scale (``N`` examples, ``T`` output locations / tokens pe
 * ``S`` is the per-EXAMPLE sum ``E_n[Σ_t g gᵀ]``.
 
 so ``A ⊗ S`` is the KFC "expand" approximation of ``E_n[∇ℓ_n ∇ℓ_nᵀ]`` and does not depend
-on the batch size. Grouped convolutions get one factor pair per group: ``input_factor`` is
-``(G, d_in, d_in)`` and ``grad_factor`` ``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
+on the batch size. Alongside, ``mean_grad`` is ``Ḡ = E_n[∂ℓ_n(y_n)/∂W]`` with the data
+labels, the first-order term of every damage (docs/method.md §4). Grouped convolutions get one
+factor pair per group: ``input_factor`` is ``(G, d_in, d_in)`` and ``grad_factor``
+``(G, d_out, d_out)`` when ``G > 1`` (2-D otherwise).
 
 Huge layers: a factor of dimension ``d`` takes ``4 d²`` bytes (float32) and its float64
 eigendecomposition about ``24 d²`` more and ``O(d³)`` time. Before any allocation, every
@@ -76,6 +78,7 @@ class KFACFactors:
     num_examples: float = 0.0
     has_bias: bool = False
     flattened_positions: int = 1
+    mean_grad_sum: Optional[torch.Tensor] = field(default=None, repr=False)
     _eigen: Optional[tuple] = field(default=None, repr=False)
 
     def _ungroup(self, t: torch.Tensor) -> torch.Tensor:
@@ -105,6 +108,16 @@ class KFACFactors:
     def input_mean(self) -> torch.Tensor:
         """``E[a]``, the cross term with the bias' homogeneous coordinate."""
         return self._ungroup(self.input_mean_sum / self.input_count)
+
+    @property
+    def mean_grad(self) -> Optional[torch.Tensor]:
+        """``Ḡ = (1/N) Σ_n ∂ℓ_n(y_n)/∂W`` with the DATA labels ``y_n``, or ``None`` if not collected.
+
+        ``(G, d_out, in/G, K)`` like :meth:`~tp_eigendamage.layers.LayerAdapter.weight_blocks`
+        (float32). A weight change ``Δ`` changes the mean loss by ``Σ Ḡ ⊙ Δ`` to first order;
+        a model trained with weight decay ``λ`` sits where ``Ḡ ≈ −λ W``, not at ``Ḡ = 0``.
+        """
+        return None if self.mean_grad_sum is None else self.mean_grad_sum / self.num_examples
 
     def homogeneous_input_factor(self) -> torch.Tensor:
         """``[[A, E a], [E aᵀ, 1]]``: ``A`` for the weight and bias as one matrix ``[W | b]``."""
@@ -148,7 +161,8 @@ class KFACFactors:
 
     def state_tensors(self) -> List[torch.Tensor]:
         """The running sums (what a distributed all-reduce adds up)."""
-        return [self.input_sum, self.input_mean_sum, self.grad_sum]
+        sums = [self.input_sum, self.input_mean_sum, self.grad_sum]
+        return sums + ([] if self.mean_grad_sum is None else [self.mean_grad_sum])
 
 
 class KFACStats(LayerStatistics[KFACFactors]):
@@ -193,11 +207,13 @@ def _gib(dim: int) -> str:
 
 
 class _LayerCollector(OutputTap):
-    """Records ``Σ a aᵀ`` at forward and ``Σ g gᵀ`` at backward for one layer."""
+    """Records ``Σ a aᵀ`` at forward, ``Σ g gᵀ`` at backward and, with ``mean_gradient``, the
+    data-label weight gradient ``Σ_n Σ_t g_t a_tᵀ`` for one layer."""
 
-    def __init__(self, name: str, module: nn.Module, factor_mode: str, max_factor_dim: int):
+    def __init__(self, name: str, module: nn.Module, factor_mode: str, max_factor_dim: int,
+                 mean_gradient: bool):
         super().__init__(name, module)
-        self.factor_mode, self.max_factor_dim = factor_mode, max_factor_dim
+        self.factor_mode, self.max_factor_dim, self.mean_gradient = factor_mode, max_factor_dim, mean_gradient
         self.factors: Optional[KFACFactors] = None
 
     def _too_large(self, side: str, dim: int, hint: str = "") -> KFACError:
@@ -238,7 +254,8 @@ class _LayerCollector(OutputTap):
                 name=self.name, layer_kind=a.layer_kind, factor_mode=self.factor_mode,
                 weight_shape=m.weight.shape, groups=G, input_sum=zeros(G, d_in, d_in),
                 input_mean_sum=zeros(G, d_in), grad_sum=zeros(G, d_out, d_out),
-                has_bias=getattr(m, "bias", None) is not None, flattened_positions=positions)
+                has_bias=getattr(m, "bias", None) is not None, flattened_positions=positions,
+                mean_grad_sum=zeros(a.weight_blocks(m, positions).shape) if self.mean_gradient else None)
         return self.factors
 
     def on_forward(self, x, output):
@@ -252,6 +269,16 @@ class _LayerCollector(OutputTap):
     def on_grad(self, x, grad):
         self.factors.grad_sum += self.adapter.grad_moment(self.module, grad)
 
+    def on_data_weight_grad(self, grad):
+        if self.factors.mean_grad_sum is not None:
+            self.factors.mean_grad_sum += self.adapter.weight_blocks(
+                self.module, self.factors.flattened_positions, grad.detach().float())
+
+    def discard_data_weight_grad(self) -> None:
+        self.mean_gradient = False
+        if self.factors is not None:
+            self.factors.mean_grad_sum = None
+
     def non_finite(self) -> Optional[str]:
         """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
         f = self.factors
@@ -261,6 +288,8 @@ class _LayerCollector(OutputTap):
             return "input activations"
         if not torch.isfinite(f.grad_sum).all():
             return "output gradients"
+        if f.mean_grad_sum is not None and not torch.isfinite(f.mean_grad_sum).all():
+            return "data-label gradients"
         return None
 
 
@@ -278,20 +307,23 @@ def collect_kfac(
     forward_fn: Callable = default_forward_fn,
     progress: bool = True,
     max_factor_dim: int = MAX_FACTOR_DIM,
+    mean_gradient: bool = True,
 ) -> KFACStats:
-    """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer.
+    """Collect K-FAC factors ``A`` (``input_factor``) and ``S`` (``grad_factor``) per layer,
+    and the mean data-label gradient ``mean_grad``.
 
     Args:
         model: any ``nn.Module``; every ``nn.Conv2d`` / ``nn.Linear`` is covered (or ``modules``).
         data: an iterable of batches (DataLoader, list of ``(inputs, targets)``, dicts, ...).
         num_batches: stop after this many batches (default: the whole iterable).
-        fisher_type: ``"true"`` draws labels with ``sample_fn`` (default: from the softmax of
-            the logits); ``"empirical"`` uses the batch targets.
+        fisher_type: ``"true"`` draws labels with ``sample_fn`` (default: importance-sampled
+            from the softmax of the logits, :func:`~tp_eigendamage.fisher.importance_sample_categorical`);
+            ``"empirical"`` uses the batch targets.
         factor_mode: ``"channel"`` (conv ``A`` is ``in×in``, pooled over kernel offsets) or
             ``"patch"`` (KFC: ``A`` over ``in·kh·kw`` patch vectors).
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-example losses (default: cross
             entropy). Must not average over the batch.
-        sample_fn: ``sample_fn(outputs) -> targets`` for the true Fisher.
+        sample_fn: ``sample_fn(outputs) -> targets`` (or ``WeightedTargets``) for the true Fisher.
         modules: the layers to cover (default: every ``nn.Conv2d`` / ``nn.Linear``).
         batch_fn: ``batch -> (inputs, targets)``; see :func:`~tp_eigendamage.batches.default_batch_fn`.
         forward_fn: ``(model, inputs) -> outputs``; see :func:`~tp_eigendamage.batches.default_forward_fn`.
@@ -299,6 +331,9 @@ def collect_kfac(
         max_factor_dim: the largest factor dimension allowed (module docstring): a Linear
             reading a flattened map above it gets channel-structured factors, anything else
             above it raises before allocating.
+        mean_gradient: also accumulate ``Ḡ = (1/N) Σ_n ∂ℓ_n(y_n)/∂W`` with the batches' own
+            targets (:attr:`KFACFactors.mean_grad`, the damages' first-order term). Batches
+            without targets: a warning, and ``mean_grad`` is ``None``.
 
     Returns:
         :class:`KFACStats`, keyed by module (``stats.for_model(copy)`` re-keys them onto a copy).
@@ -308,8 +343,10 @@ def collect_kfac(
             parameters, activations, outputs or gradients (naming the layer), a loss that is
             not per example, a factor above ``max_factor_dim``.
 
-    Cost per batch: one forward and one backward that stops at the layer outputs (no weight
-    gradient is formed; docs/method.md §1), plus the factor sums. The model is evaluated in
+    Cost per batch: one forward and one backward that stops at the layer outputs (docs/method.md
+    §1), plus the factor sums. With ``mean_gradient`` that backward also forms the weight
+    gradients (empirical Fisher), or a second, plain backward with the data labels forms them
+    (true Fisher). The model is evaluated in
     eval mode and left exactly as found (modes, parameters, buffers, ``.grad``,
     ``requires_grad``, hooks), also when an error is raised. Under an initialized
     ``torch.distributed`` group the sums and counts are all-reduced.
@@ -319,11 +356,11 @@ def collect_kfac(
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise KFACError(f"max_factor_dim={max_factor_dim!r}; pass a positive integer (default {MAX_FACTOR_DIM})")
     selected = select_modules(model, None if modules is None else list(modules))
-    collectors = [_LayerCollector(n, m, factor_mode, max_factor_dim) for n, m in selected]
+    collectors = [_LayerCollector(n, m, factor_mode, max_factor_dim, mean_gradient) for n, m in selected]
     num_examples = fisher_passes(model, data, collectors, num_batches=num_batches,
                                  fisher_type=fisher_type, loss_fn=loss_fn, sample_fn=sample_fn,
                                  batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
-                                 desc="K-FAC statistics")
+                                 desc="K-FAC statistics", data_gradient=mean_gradient)
     missing = [c.name for c in collectors if c.factors is None]
     if missing and modules is not None:
         raise KFACError(f"modules= lists layers that never ran in forward: {missing}; "

@@ -173,13 +173,14 @@ def _targets(model, stats, modules, skipped, owners, required: bool = True) -> L
     return chosen
 
 
-def _eigen(name: str, module: nn.Module, stats):
+def _factors(name: str, module: nn.Module, stats):
     f = stats[module]  # raises StaleStatisticsError on a shape change
     if f.factor_mode != "channel" and adapter_for(module).kernel_numel(module) > 1:
         raise KFEError(
             f"'{name}' has factor_mode={f.factor_mode!r} factors; the KFE rotates conv inputs "
             "with a 1×1 conv, which needs collect_kfac(..., factor_mode='channel')")
-    return f.eigen()
+    f.eigen()
+    return f
 
 
 def kfe_targets(model: nn.Module, stats: KFACStats, *, skip: Iterable[ModuleRef] = (),
@@ -226,20 +227,20 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
     places = module_places(model)
     plan = []
     for name, m in targets:
-        eigen = _eigen(name, m, stats)
+        factors = _factors(name, m, stats)
         blk = owners.get(id(m))
         if blk is not None:
-            plan.append((blk, eigen, blk.rerotation(eigen)))
+            plan.append((blk, factors, blk.rerotation(factors.eigen())))
         elif id(m) not in places:
             raise KFEError(f"the model itself is a {type(m).__name__}; wrap it in nn.Sequential "
                            "so the layer can be replaced in place")
         else:
-            plan.append((m, None, KFEBlock.from_layer(m, eigen)))
-    for (name, _), (target, eigen, new) in zip(targets, plan):
-        if eigen is None:
+            plan.append((m, None, KFEBlock.from_layer(m, factors)))
+    for (name, _), (target, factors, new) in zip(targets, plan):
+        if factors is None:
             _replace(places, target, new, name)
         else:
-            target._set_rotation(eigen, *new)
+            target._set_rotation(factors, *new)
     return model
 
 

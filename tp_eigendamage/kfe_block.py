@@ -12,7 +12,7 @@ costs exactly the ``damage_in`` / ``damage_out`` of docs/method.md §4.
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,12 @@ def weight_3d(layer: nn.Module) -> torch.Tensor:
     return adapter_for(layer).weight_blocks(layer)[0].detach().double()
 
 
+def _mean_grad_3d(factors) -> Optional[torch.Tensor]:
+    """The ungrouped layer's mean data-label gradient as ``(out, in, K)``, or ``None``."""
+    mean_grad = factors.mean_grad
+    return None if mean_grad is None else mean_grad[0]
+
+
 def _load_weight(layer: nn.Module, value: torch.Tensor) -> None:
     with torch.no_grad():
         layer.weight.copy_(value.reshape(layer.weight.shape))
@@ -67,6 +73,12 @@ def _matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
 
 
+def _in_kfe(eigen, W: torch.Tensor) -> torch.Tensor:
+    """``Q_Sᵀ W_k Q_A`` for every kernel offset k of an ``(out, in, K)`` tensor (float64)."""
+    _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
+    return torch.einsum("so,sik,ij->ojk", q_s, W.double(), q_a)
+
+
 def _rotated(eigen, W, R_in=None, R_out=None):
     """Rotate ``R_out · W · R_in`` into the eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` of the core.
 
@@ -74,19 +86,21 @@ def _rotated(eigen, W, R_in=None, R_out=None):
     product of the three is unchanged because ``Q_A`` and ``Q_S`` are orthogonal.
     """
     _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
-    core = torch.einsum("so,sik,ij->ojk", q_s, W, q_a)
-    return (q_a.T if R_in is None else q_a.T @ R_in), core, (q_s if R_out is None else R_out @ q_s)
+    return (q_a.T if R_in is None else q_a.T @ R_in), _in_kfe(eigen, W), (q_s if R_out is None else R_out @ q_s)
 
 
-def _buffers(eigen, R_in, R_out, like: torch.Tensor):
-    """``(eigen_in, eigen_out, basis_in, basis_out, fisher_diag)`` of a freshly rotated block.
+def _buffers(eigen, R_in, R_out, like: torch.Tensor, mean_grad: Optional[torch.Tensor]):
+    """``(eigen_in, eigen_out, basis_in, basis_out, fisher_diag, mean_grad)`` of a freshly
+    rotated block.
 
     ``basis_in = R_inᵀ`` and ``basis_out = R_out`` (the current directions), ``fisher_diag =
-    λ_S λ_Aᵀ``; on ``like``'s device and dtype.
+    λ_S λ_Aᵀ``, ``mean_grad = Q_Sᵀ Ḡ_k Q_A`` from the layer's mean data-label gradient ``Ḡ``
+    ``(out, in, K)`` (``None`` stays ``None``); on ``like``'s device and dtype.
     """
     lam_a, _, lam_s, _ = eigen
-    return tuple(t.detach().to(like.device, like.dtype).contiguous()
-                 for t in (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a)))
+    rotated = (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a),
+               None if mean_grad is None else _in_kfe(eigen, mean_grad))
+    return tuple(None if t is None else t.detach().to(like.device, like.dtype).contiguous() for t in rotated)
 
 
 class Survivors(NamedTuple):
@@ -116,7 +130,13 @@ class KFEBlock(nn.Module):
     * ``eigen_out`` ``(r_out,)``: ``λ_S``;
     * ``fisher_diag`` ``(r_out, r_in)``: the Fisher diagonal in the KFE, ``λ_S,i λ_A,j`` or,
       after :func:`tp_eigendamage.ekfac.fit_eigen_correction`, the EK-FAC refit (then
-      ``eigen_corrected`` is True).
+      ``eigen_corrected`` is True);
+    * ``mean_grad`` ``(r_out, r_in, K)`` or ``None``: the mean data-label gradient in the KFE,
+      ``Ḡ* = Q_Sᵀ Ḡ_k Q_A`` (the gradient of the loss w.r.t. the core weight ``W*``), for the
+      damages' first-order term; refit with ``fisher_diag``;
+    * ``removal_fisher_in`` ``(r_in,)`` / ``removal_fisher_out`` ``(r_out,)`` or ``None``: the
+      Fisher's exact quadratic form along the removal of each direction, set by
+      :func:`~tp_eigendamage.ekfac.fit_eigen_correction` (``None`` after a re-rotation).
 
     Torch-Pruning removes rows of ``rotate_in`` / columns of ``core`` (input directions),
     rows of ``core`` / columns of ``rotate_out`` (output directions) and columns of
@@ -129,7 +149,7 @@ class KFEBlock(nn.Module):
     def __init__(self, rotate_in: nn.Module, core: nn.Module, rotate_out: nn.Module,
                  eigen_in: torch.Tensor, eigen_out: torch.Tensor,
                  basis_in: torch.Tensor, basis_out: torch.Tensor,
-                 fisher_diag: torch.Tensor):
+                 fisher_diag: torch.Tensor, mean_grad: Optional[torch.Tensor] = None):
         super().__init__()
         self.rotate_in = rotate_in
         self.core = core
@@ -139,18 +159,23 @@ class KFEBlock(nn.Module):
         self.register_buffer("basis_in", basis_in)
         self.register_buffer("basis_out", basis_out)
         self.register_buffer("fisher_diag", fisher_diag)
+        self.register_buffer("mean_grad", mean_grad)
+        self.register_buffer("removal_fisher_in", None)
+        self.register_buffer("removal_fisher_out", None)
         self.eigen_corrected = False
 
     @classmethod
-    def from_layer(cls, layer: nn.Module, eigen) -> "KFEBlock":
-        """The block of a plain ungrouped layer from its factors' ``(λ_A, Q_A, λ_S, Q_S)``."""
+    def from_layer(cls, layer: nn.Module, factors) -> "KFEBlock":
+        """The block of a plain ungrouped layer from its :class:`~tp_eigendamage.KFACFactors`
+        (eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` and mean gradient)."""
         out_f, in_f = layer.weight.shape[:2]
         has_bias = getattr(layer, "bias", None) is not None
+        eigen = factors.eigen()
         weights = _rotated(eigen, weight_3d(layer))
         blk = cls(layer_like(layer, in_f, in_f, bias=False, pointwise=True),
                   layer_like(layer, in_f, out_f, bias=False),
                   layer_like(layer, out_f, out_f, bias=has_bias, pointwise=True),
-                  *_buffers(eigen, weights[0], weights[2], layer.weight))
+                  *_buffers(eigen, weights[0], weights[2], layer.weight, _mean_grad_3d(factors)))
         blk.training = layer.training
         blk._load(weights)
         if has_bias:
@@ -233,6 +258,11 @@ class KFEBlock(nn.Module):
         self.basis_out = self.basis_out[s.channels_out][:, s.directions_out]
         self.eigen_in, self.eigen_out = self.eigen_in[s.directions_in], self.eigen_out[s.directions_out]
         self.fisher_diag = self.fisher_diag[s.directions_out][:, s.directions_in]
+        if self.mean_grad is not None:
+            self.mean_grad = self.mean_grad[s.directions_out][:, s.directions_in]
+        if self.removal_fisher_in is not None:
+            self.removal_fisher_in = self.removal_fisher_in[s.directions_in]
+            self.removal_fisher_out = self.removal_fisher_out[s.directions_out]
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
@@ -247,11 +277,14 @@ class KFEBlock(nn.Module):
         for layer, value in zip((self.rotate_in, self.core, self.rotate_out), weights):
             _load_weight(layer, value)
 
-    def _set_rotation(self, eigen, *weights) -> None:
-        """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions."""
+    def _set_rotation(self, factors, *weights) -> None:
+        """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions
+        (``factors``: the core's :class:`~tp_eigendamage.KFACFactors`)."""
         self._load(weights)
-        (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out,
-         self.fisher_diag) = _buffers(eigen, weights[0], weights[2], self.core.weight)
+        (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out, self.fisher_diag,
+         self.mean_grad) = _buffers(factors.eigen(), weights[0], weights[2], self.core.weight,
+                                    _mean_grad_3d(factors))
+        self.removal_fisher_in = self.removal_fisher_out = None
         self.eigen_corrected = False
 
     def num_parameters(self) -> int:

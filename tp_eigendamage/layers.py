@@ -86,9 +86,10 @@ class LayerAdapter:
         """Return ``Σ g gᵀ`` over every output location of one call, ``(G, d_out, d_out)``."""
         raise NotImplementedError
 
-    def weight_blocks(self, module: nn.Module, positions: int = 1) -> torch.Tensor:
-        """The weight as a ``(G, d_out, in/G, K)`` view (``K = positions`` for a Linear
-        reading a flattened map)."""
+    def weight_blocks(self, module: nn.Module, positions: int = 1,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight (or ``weight``, a tensor shaped like it, e.g. its gradient) as a
+        ``(G, d_out, in/G, K)`` view (``K = positions`` for a Linear reading a flattened map)."""
         raise NotImplementedError
 
     def empty_layer(self, like: nn.Module, in_features: int, out_features: int, *, bias: bool,
@@ -133,8 +134,8 @@ class LinearAdapter(LayerAdapter):
         rows = g.detach().reshape(-1, g.shape[-1]).float()
         return (rows.T @ rows).unsqueeze(0)
 
-    def weight_blocks(self, module, positions=1):
-        w = module.weight
+    def weight_blocks(self, module, positions=1, weight=None):
+        w = module.weight if weight is None else weight
         return w.reshape(1, w.shape[0], w.shape[1] // positions, positions)
 
     def empty_layer(self, like, in_features, out_features, *, bias, pointwise=False):
@@ -243,8 +244,8 @@ class Conv2dAdapter(LayerAdapter):
         gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
         return torch.einsum("ngct,ngdt->gcd", gg, gg)
 
-    def weight_blocks(self, module, positions=1):
-        w = module.weight
+    def weight_blocks(self, module, positions=1, weight=None):
+        w = module.weight if weight is None else weight
         G = module.groups
         return w.view(G, w.shape[0] // G, w.shape[1], -1)
 

@@ -55,11 +55,11 @@ def digits_batches(batch_size: int = 128, n: int = 256) -> Batches:
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_state(steps: int, seed: int, n: int) -> Dict[str, torch.Tensor]:
+def _trained_state(steps: int, seed: int, n: int, weight_decay: float) -> Dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = DigitsNet()
     batches = digits_batches(n=n)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=weight_decay)
     model.train()
     for step in range(steps):
         x, y = batches[step % len(batches)]
@@ -69,12 +69,13 @@ def _trained_state(steps: int, seed: int, n: int) -> Dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def trained_digits_net(steps: int = 30, seed: int = 0, n: int = 256) -> Tuple[DigitsNet, Batches]:
-    """A DigitsNet after ``steps`` Adam steps on the first ``n`` digits (trained once per
-    session), a fresh copy each call, and those digits' batches; the global RNG is re-seeded
-    so what follows is reproducible."""
+def trained_digits_net(steps: int = 30, seed: int = 0, n: int = 256,
+                       weight_decay: float = 0.0) -> Tuple[DigitsNet, Batches]:
+    """A DigitsNet after ``steps`` Adam steps (L2 ``weight_decay`` added to the gradient) on the
+    first ``n`` digits (trained once per session), a fresh copy each call, and those digits'
+    batches; the global RNG is re-seeded so what follows is reproducible."""
     model = DigitsNet()
-    model.load_state_dict(_trained_state(steps, seed, n))
+    model.load_state_dict(_trained_state(steps, seed, n, weight_decay))
     torch.manual_seed(seed)
     return model.eval(), digits_batches(n=n)
 
