@@ -16,6 +16,7 @@ import tp_eigendamage as ted
 from tp_eigendamage import PruneArgumentError, TargetUnreachableError
 from tp_eigendamage._round import channel_costs
 from tp_eigendamage._tp import layer_costs
+from tp_eigendamage.prune import default_ranking
 
 
 class CostNet(nn.Module):
@@ -158,24 +159,14 @@ def test_unknown_ranking_names_the_closest():
                   ranking="damage_per_flop", progress=False)
 
 
-def pruned_weights(method, ranking, **target):
-    torch.manual_seed(0)
-    model, x = TwoGroups().eval(), torch.randn(1, 3, 8, 8)
-    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))) for _ in range(2)]
-    ted.prune(model, data, x, method=method, ranking=ranking, tolerance=0.05, ignored_layers=[model.head],
-              progress=False, **target)
-    return torch.cat([model.a.weight.flatten(), model.b.weight.flatten()])
-
-
-@pytest.mark.parametrize("method, target, default", [
-    ("kron_obd", dict(target_flops=0.5), "damage_per_cost"),     # loss units, FLOP budget
-    ("kron_obd", dict(target_params=0.35), "damage"),
-])
-def test_default_ranking_per_budget_and_method(method, target, default):
-    other = {"damage": "damage_per_cost", "damage_per_cost": "damage"}[default]
-    chosen = pruned_weights(method, None, **target)
-    assert torch.equal(chosen, pruned_weights(method, default, **target))
-    assert not torch.equal(chosen, pruned_weights(method, other, **target))
+@pytest.mark.parametrize("target", ["target_flops", "target_latency", "target_params", "pruning_ratio"])
+@pytest.mark.parametrize("method", sorted(ted.METHODS))
+def test_default_ranking_per_budget_and_method(method, target):
+    """Damage per cost by default only where it was measured to help (README): a FLOP or latency
+    budget with a second-order criterion, whose scores are predicted loss increases."""
+    second_order = method in ("eigendamage", "kron_obd", "kron_obs", "fisher_diag")
+    expected = "damage_per_cost" if second_order and target in ("target_flops", "target_latency") else "damage"
+    assert default_ranking(target, ted.METHODS[method]) == expected
 
 
 def test_default_ranking_of_a_criterion_not_in_loss_units_is_damage():
