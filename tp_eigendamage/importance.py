@@ -5,15 +5,17 @@ damages, so scores of different groups share one unit (loss) and ``global_prunin
 ranks all layers in one list. Members are Conv2d / Linear layers (BatchNorm, LayerNorm and
 element-wise members contribute nothing). Which members carry the damage (``side``):
 
-* ``"consumer"`` (default): layers that READ the channel, input-side damage (removing a channel
-  changes the network only through its consumers, docs/method.md §9);
-* ``"producer"``: layers that WRITE the channel, output-side damage (what the public baselines
-  used).
+* ``"producer"`` (default): layers that WRITE the channel, output-side damage (what the public
+  baselines used);
+* ``"consumer"``: layers that READ the channel, input-side damage (removing a channel changes
+  the network only through its consumers, docs/method.md §9).
 
-The default is what predicted the measured loss increase of removing a channel better in
-``benchmarks/damage_fidelity.py`` (pooled Spearman over sampled channel removals in every group,
-first-order term on: consumer 0.972 vs producer 0.547 on a trained resnet18, 0.920 vs 0.846 on
-a trained mobilenetv2; docs/fidelity.md §6).
+With the first-order term, ``benchmarks/damage_fidelity.py`` measured the consumer side to rank
+single channel removals better (pooled Spearman 0.972 vs 0.547 on a trained resnet18, 0.920 vs
+0.846 on a trained mobilenetv2; docs/fidelity.md §6). The default stays ``"producer"`` for now:
+consumer sums need the statistics of every reader, the classifier included, so statistics
+collected once go stale after the first step of an iterative ``BasePruner`` (pass a callable, or
+``side="consumer"`` with fresh statistics per step).
 
 A depthwise conv reads and writes the same channel: it is a producer, not a consumer (the channel
 leaves the group only through the layers that read it without writing it, e.g. the pointwise
@@ -118,7 +120,7 @@ class _ChannelImportance(tp.importance.Importance):
 
     what = "KFACStats"
 
-    def __init__(self, stats, *, side: Side = "consumer", normalizer=None, first_order: bool = True):
+    def __init__(self, stats, *, side: Side = "producer", normalizer=None, first_order: bool = True):
         check_choice(side, "side", SIDES, hint="'producer': output-side damage of the layers "
                      "writing a channel; 'consumer': input-side damage of the layers reading it")
         if not callable(normalizer):
@@ -215,7 +217,7 @@ class KroneckerOBDImportance(_ChannelImportance):
     zero-arg callable returning one.
     """
 
-    def __init__(self, stats: KFACSource, side: Side = "consumer", *, normalizer=None,
+    def __init__(self, stats: KFACSource, side: Side = "producer", *, normalizer=None,
                  first_order: bool = True):
         super().__init__(stats, side=side, normalizer=normalizer, first_order=first_order)
 
@@ -281,7 +283,7 @@ class FisherDiagImportance(_ChannelImportance):
 
     what = "FisherDiagStats"
 
-    def __init__(self, fisher: FisherDiagSource, side: Side = "consumer", *, normalizer=None,
+    def __init__(self, fisher: FisherDiagSource, side: Side = "producer", *, normalizer=None,
                  first_order: bool = True):
         super().__init__(fisher, side=side, normalizer=normalizer, first_order=first_order)
 
@@ -316,7 +318,7 @@ class EigenDamageImportance(KroneckerOBDImportance):
     channels of all layers in one list.
     """
 
-    def __init__(self, stats: KFACSource, *, side: Side = "consumer", normalizer=None,
+    def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None,
                  first_order: bool = True):
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
