@@ -33,18 +33,31 @@ def _f64(*tensors):
     return tuple(t.detach().double() for t in tensors)
 
 
+def _diagonal(M: torch.Tensor) -> torch.Tensor:
+    """The diagonal of per-group factors ``(G, d, d)``; factors given as diagonals ``(G, d)`` as they are."""
+    return M if M.dim() == 2 else torch.diagonal(M, dim1=-2, dim2=-1)
+
+
 def kron_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """Kron-OBD, input channel j: ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``, shape ``(G·d_in,)``."""
+    """Kron-OBD, input channel j: ``½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``, shape ``(G·d_in,)``.
+
+    ``A`` and ``S`` are ``(G, d, d)`` factors, or ``(G, d)`` diagonals of diagonal ones (e.g.
+    ``S`` in its eigenbasis, with ``w`` in the same output coordinates)."""
     w, A, S = _f64(w, A, S)
-    quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
-    return (0.5 * torch.diagonal(A, dim1=-2, dim2=-1) * quad).reshape(-1)
+    quad = (torch.einsum("gojk,go->gj", w.square(), S) if S.dim() == 2 else
+            torch.einsum("gojk,gop,gpjk->gj", w, S, w))
+    return (0.5 * _diagonal(A) * quad).reshape(-1)
 
 
 def kron_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """Kron-OBD, output channel i: ``½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``, shape ``(G·d_out,)``."""
+    """Kron-OBD, output channel i: ``½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``, shape ``(G·d_out,)``.
+
+    ``A`` and ``S`` are ``(G, d, d)`` factors, or ``(G, d)`` diagonals of diagonal ones (e.g.
+    ``A`` in its eigenbasis, with ``w`` in the same input coordinates)."""
     w, A, S = _f64(w, A, S)
-    quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
-    return (0.5 * torch.diagonal(S, dim1=-2, dim2=-1) * quad).reshape(-1)
+    quad = (torch.einsum("gijk,gj->gi", w.square(), A) if A.dim() == 2 else
+            torch.einsum("gijk,gjl,gilk->gi", w, A, w))
+    return (0.5 * _diagonal(S) * quad).reshape(-1)
 
 
 def diag_in_damage(w: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:

@@ -127,8 +127,9 @@ class _ChannelImportance(tp.importance.Importance):
         self._statistics = _Statistics(stats, self.what)
 
     # -- hooks for subclasses ----------------------------------------------------------------
-    def _prepare(self, model: nn.Module) -> None:
-        """Called once per group with the model being pruned."""
+    def _prepare(self, model: nn.Module, graph) -> None:
+        """Called once per group with the model being pruned and its dependency graph (one per
+        trace: the model's structure is fixed while it is used)."""
 
     def _exempt(self) -> set:
         """Modules whose statistics are never used (skipped by the staleness check)."""
@@ -152,7 +153,7 @@ class _ChannelImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group: _tp.Group) -> Optional[torch.Tensor]:
         model = _tp.group_model(group)
-        self._prepare(model)
+        self._prepare(model, _tp.group_graph(group))
         stats = self._statistics.current(model, self._exempt())
         try:
             scores = self._score(group, stats)
@@ -278,9 +279,10 @@ class EigenDamageImportance(KroneckerOBDImportance):
       whatever the side; no statistics needed;
     * ``rotate_in`` output and ``rotate_out`` input channels (the same directions): nothing;
     * the block's outer channels (``rotate_in`` inputs / ``rotate_out`` outputs): Kron-OBD of
-      the block as one layer, weight ``Q_S W* Q_Aᵀ`` (current rotation weights) and factors
+      the block as one layer, weight ``R_out W* R_in`` (current rotation weights) and factors
       ``A = basis_in diag(λ_A) basis_inᵀ``, ``S = basis_out diag(λ_S) basis_outᵀ`` over the
-      basis rows of the outer channels still present (:meth:`KFEBlock.surviving_outer`).
+      basis rows of the outer channels still present, computed in the eigenbasis without
+      forming them (:meth:`KFEBlock.outer_kron_operands`).
 
     ``normalizer=None`` (default) keeps loss units so global pruning ranks eigen-directions and
     channels of all layers in one list.
@@ -289,10 +291,13 @@ class EigenDamageImportance(KroneckerOBDImportance):
     def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None):
         super().__init__(stats, side, normalizer=normalizer)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
+        self._parts_graph = None
 
-    def _prepare(self, model):
-        self._parts = {getattr(b, role): (b, role) for b in model.modules() if isinstance(b, KFEBlock)
-                       for role in ("rotate_in", "core", "rotate_out")}
+    def _prepare(self, model, graph):
+        if graph is not self._parts_graph:   # the blocks' parts, found once per traced graph
+            self._parts = {getattr(b, role): (b, role) for b in model.modules() if isinstance(b, KFEBlock)
+                           for role in ("rotate_in", "core", "rotate_out")}
+            self._parts_graph = graph
 
     def _exempt(self):
         return set(self._parts)
@@ -306,9 +311,9 @@ class EigenDamageImportance(KroneckerOBDImportance):
             damage_in, damage_out = self._eigen_damages(block)
             return damage_in if reads else damage_out
         if role == "rotate_in" and reads and side == "consumer":
-            return damage.kron_in_damage(*self._block_curvature(block))
+            return damage.kron_in_damage(*block.outer_kron_operands("input"))
         if role == "rotate_out" and writes and side == "producer":
-            return damage.kron_out_damage(*self._block_curvature(block))
+            return damage.kron_out_damage(*block.outer_kron_operands("output"))
         return None
 
     @staticmethod
@@ -317,20 +322,6 @@ class EigenDamageImportance(KroneckerOBDImportance):
         in_idx, out_idx = block.surviving_directions()
         fisher_diag = block.fisher_diag[out_idx][:, in_idx]
         return damage.eigen_damages(core[0], fisher_diag)
-
-    @staticmethod
-    def _block_curvature(block: KFEBlock):
-        """``(w, A, S)`` of the block as one layer, ``w = Q_S W* Q_Aᵀ`` per kernel offset, and
-        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels."""
-        core = adapter_for(block.core).weight_blocks(block.core).double()
-        R_in = block.rotation_in_matrix().double()
-        R_out = block.rotation_out_matrix().double()
-        w = torch.einsum("or,grik,ij->gojk", R_out, core, R_in)
-        channels_in, channels_out = block.surviving_outer()
-        Q_A, Q_S = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
-        A = (Q_A * block.eigen_in.double()) @ Q_A.T
-        S = (Q_S * block.eigen_out.double()) @ Q_S.T
-        return w, A[None], S[None]
 
 
 # -- mixing criteria --------------------------------------------------------------------------

@@ -9,8 +9,8 @@ Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 3. score every Torch-Pruning group of the model ONCE;
 4. find how many channels to remove so that the model lands on this round's budget
    (``target^(r/k)`` of the original parameters / FLOPs, or Torch-Pruning's ``pruning_ratio``
-   schedule): each candidate is pruned on a SHAPE-ONLY twin of the model and counted there
-   (:func:`tp_eigendamage.budget.search_ratio`);
+   schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (with a copy of the
+   step-3 dependency graph: no new trace) and counted there (:func:`tp_eigendamage.budget.search_ratio`);
 5. remove them from the model, never more than ``max_layer_ratio`` of any layer's original
    channels / directions; ``kron_obs`` first applies the K-FAC OBS compensation to the
    consumer layers;
@@ -341,7 +341,7 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
             else:
                 metric = "params" if target == "target_params" else "flops"
                 ratio, searched, exponent = search_ratio(
-                    lambda x: round_.cost_at(x).fraction_of(before, metric), value ** (r / k),
+                    lambda x: round_.metric_at(x, metric) / getattr(before, metric), value ** (r / k),
                     start=current.fraction_of(before, metric), exponent=exponent,
                     tolerance=tolerance, max_ratio=config.cap * 0.99)
         with clock.stage("pruning"):
