@@ -241,6 +241,7 @@ class Round:
         with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)
+            _tp.list_groups_once(self.pruner)   # the model keeps its shapes until apply()
         list(_tp.groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
         if self.importance.nan_groups:
             listed = ", ".join(repr(n) for n in self.importance.nan_groups[:5])
