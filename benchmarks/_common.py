@@ -22,15 +22,16 @@ import torch.nn as nn
 NUM_CLASSES = 10
 
 
-def create_model(name: str, size: int, device="cpu", seed: int = 0) -> nn.Module:
+def create_model(name: str, size: int, device="cpu", seed: int = 0, **options) -> nn.Module:
     """Random-init timm model (``NUM_CLASSES`` classes) in eval mode on ``device``.
 
     Models whose pretrained config has a fixed input size (ViT, DeiT, Swin, ...) are built for
-    ``size`` (``img_size=size``); the others take any input size as they are.
+    ``size`` (``img_size=size``); the others take any input size as they are. ``options`` go
+    to the model's constructor (e.g. ``zero_init_last=False`` for a timm ResNet).
     """
     torch.manual_seed(seed)
     fixed = timm.models.get_pretrained_cfg(name).fixed_input_size
-    kwargs = dict(img_size=size) if fixed else {}
+    kwargs = dict(img_size=size, **options) if fixed else dict(options)
     return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).to(device).eval()
 
 

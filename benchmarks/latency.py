@@ -1,21 +1,30 @@
 """Measured latency of pruned models: EigenDamage vs Kron-OBD vs Torch-Pruning's criteria.
 
 For every model (timm, random init, 10 classes; fixed-size models built with
-``img_size=--size``; timm ResNets zero-initialise the last BatchNorm of each block, which does
-not matter for latency) and every target in ``--targets`` (share of the unpruned FLOPs to keep,
-``--target-kind params`` for parameters), ``tp_eigendamage.prune`` prunes a copy of the same
-model with the same statistics batches and each method:
+``img_size=--size``) ``tp_eigendamage.prune`` prunes a copy of the same model with the same
+statistics batches:
 
-* ``eigendamage``, ``kron_obd`` — the package's second-order methods;
-* ``magnitude``, ``taylor`` — Torch-Pruning's ``GroupMagnitudeImportance(p=2)`` and
-  ``GroupTaylorImportance`` (gradients of the mean cross entropy over the statistics batches),
-  as ``prune(method="magnitude")`` / ``prune(method="taylor")``.
+* at every target in ``--targets`` (share of the unpruned FLOPs to keep; ``--target-kind
+  params`` for parameters) with each method: ``eigendamage`` (KFE blocks in the form cheapest
+  by the budgeted cost), ``eigendamage/lat-forms`` (the same budget, forms chosen by measured
+  latency: ``form_cost="latency"``; tolerance 5 %, as a block changing form makes the FLOPs
+  jump), ``kron_obd``, and Torch-Pruning's ``magnitude`` and
+  ``taylor`` (``prune(method="magnitude")`` / ``"taylor"``);
+* at every target in ``--latency-targets`` (``target_latency``: share of the unpruned model's
+  measured batch-1 latency) with ``eigendamage`` and ``kron_obd``.
 
-Latency: eval mode, ``torch.inference_mode()``, batch 1 and batch ``--batch``. Every model of
-one architecture (the unpruned one and all pruned copies) runs ``--warmup`` forward passes;
-then ``--repeats`` rounds time ``--passes`` consecutive forward passes of each model, the
-order of the models rotated every round so that drifts in machine load hit all alike; the
-median per-pass time is divided by the unpruned model's.
+timm ResNets are built with ``zero_init_last=False`` unless ``--zero-init-last``: with timm's
+default (the last BatchNorm of every residual block starts at zero) no gradient reaches the
+layers inside a residual branch, so every second-order damage there is exactly 0 and the
+channels removed are decided by the weight-magnitude tie-break, not by the method.
+
+Latency (:func:`tp_eigendamage.measure_latency`): eval mode, ``torch.inference_mode()``, batch
+1 and batch ``--batch``; every model of one architecture (the unpruned one and all pruned
+copies, each also after :func:`tp_eigendamage.fuse_for_inference`) is timed in ONE call:
+warm-up passes, then ``--repeats`` interleaved samples per model (rotating order, each sample
+at least ``--min-sample-ms``), the median per model divided by the unpruned model's. On the CPU
+with one thread the clock is the process's CPU time (robust to other processes on a shared
+machine), otherwise the wall clock (``torch.cuda.synchronize`` around every sample on CUDA).
 
 Run (CPU defaults: 96 px, one thread):
     python benchmarks/latency.py
@@ -23,138 +32,238 @@ Run (CPU defaults: 96 px, one thread):
     python benchmarks/latency.py --size 224 --batch 64 --device cuda
 
 Prints a markdown table (per model, target and method: params and FLOPs kept, latency at
-batch 1 and at ``--batch`` relative to the unpruned model, number of modules, status — the
-error if the model could not be pruned), then the latency targets per model and target:
-eigendamage latency / kron_obd latency ≤ 1.05 at both batch sizes, and eigendamage's latency
-ratio minus its FLOPs ratio ≤ 0.10 (a target at FLOPs 0.5 on resnet18 / resnet50).
+batch 1 and at ``--batch`` relative to the unpruned model, as pruned and fused, the KFE block
+forms, number of modules, status — the error if the model could not be pruned), then the
+latency targets: eigendamage latency / kron_obd latency ≤ 1.05 at equal FLOPs, eigendamage's
+latency ratio minus its FLOPs ratio ≤ 0.10 (FLOPs 0.5 on resnet18 / resnet50), and every
+``target_latency`` model within 10 % of the batch-1 latency it asked for. ``--breakdown`` adds
+where the time goes: every leaf module of the unpruned, eigendamage and kron_obd models timed
+alone on the input it reads, summed per kind of module (1×1 convolutions, other convolutions,
+grouped convolutions, then by class).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 import tp_eigendamage as ted
-from _common import (checked, create_model, error_text, example_input, markdown_table, random_batches,
-                     synchronize)
+from _common import checked, create_model, error_text, example_input, markdown_table, random_batches
+from tp_eigendamage.latency import latency_clock
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100", "vit_tiny_patch16_224"]
-METHODS = ["eigendamage", "kron_obd", "magnitude", "taylor"]
+#: label → (method, extra prune() options), pruned at every --targets value
+BUDGET_METHODS = {"eigendamage": ("eigendamage", {}),
+                  "eigendamage/lat-forms": ("eigendamage", {"form_cost": "latency", "tolerance": 0.05}),
+                  "kron_obd": ("kron_obd", {}), "magnitude": ("magnitude", {}), "taylor": ("taylor", {})}
+#: methods pruned at every --latency-targets value
+LATENCY_METHODS = ("eigendamage", "kron_obd")
 #: where the target "latency ratio ≤ FLOPs ratio + 0.10" for eigendamage applies
 FLOPS_GAP_TARGET = dict(models=("resnet18", "resnet50"), target=0.5, bound=0.10)
 SAME_COST_BOUND = 1.05
+LANDING_BOUND = 0.10
+#: the latency columns: (batch index, fused)
+COLUMNS = ((0, False), (1, False), (0, True), (1, True))
 
 
 @dataclass
 class Variant:
-    """One model of an architecture: unpruned (``method=None``) or pruned."""
+    """One model of an architecture: unpruned (``label="unpruned"``) or pruned."""
 
-    method: Optional[str]
+    label: str
+    kind: Optional[str]                 # "flops" / "params" / "latency": the target kind
     target: Optional[float]
     model: Optional[nn.Module]
     params: float = float("nan")
     flops: float = float("nan")
+    forms: str = "–"
     error: str = ""
-    latency: tuple = ()   # seconds per forward at batch 1 and at --batch
+    latency: Dict[tuple, float] = field(default_factory=dict)   # (batch index, fused) → seconds
 
     @property
     def modules(self) -> int:
         return len(list(self.model.modules()))
 
 
+def build(name: str, args) -> nn.Module:
+    """The random-init model; ResNets with ``zero_init_last=False`` unless ``--zero-init-last``
+    (module docstring)."""
+    if not args.zero_init_last:
+        try:
+            return create_model(name, args.size, args.device, zero_init_last=False)
+        except TypeError:   # the model has no such option
+            pass
+    return create_model(name, args.size, args.device)
+
+
+def forms_text(report) -> str:
+    """Kept KFE blocks as three-layer / rotate_in-merged / core-merged, and folded."""
+    if not report.kfe_blocks_built:
+        return "–"
+    f = report.kfe_block_forms
+    return f"{f.get('kfe', 0)}/{f.get('in_merged', 0)}/{f.get('out_merged', 0)}/{report.kfe_blocks_folded}"
+
+
 def pruned_variants(args, name: str) -> List[Variant]:
     """The unpruned model, then one variant per target and method (``model=None`` on error)."""
-    base = create_model(name, args.size, args.device)
+    base = build(name, args)
     batches = random_batches(args.stat_batches, args.stat_batch_size, args.size, args.device)
     example = example_input(args.size, args.device)
-    variants = [Variant(None, None, base, 1.0, 1.0)]
-    for target in args.targets:
-        for method in METHODS:
-            start = time.perf_counter()
-            try:
-                model, report = ted.prune(copy.deepcopy(base), batches, example, method=method,
-                                          progress=False, **{f"target_{args.target_kind}": target})
-                variants.append(Variant(method, target, model, report.params_fraction, report.flops_fraction))
-                status = "ok"
-            except Exception as exc:   # the table records failures
-                status = error_text(exc)
-                variants.append(Variant(method, target, None, error=status))
-            print(f"{name:<24}{method:<13}{target:<6}{time.perf_counter() - start:7.1f} s  {status}",
-                  flush=True)
+    variants = [Variant("unpruned", None, None, base, 1.0, 1.0)]
+    jobs = [(label, method, dict(extra, **{f"target_{args.target_kind}": t}), args.target_kind, t)
+            for t in args.targets for label, (method, extra) in BUDGET_METHODS.items()]
+    jobs += [(method, method, {"target_latency": t}, "latency", t)
+             for t in args.latency_targets for method in LATENCY_METHODS]
+    for label, method, options, kind, target in jobs:
+        start = time.perf_counter()
+        try:
+            model, report = ted.prune(copy.deepcopy(base), batches, example, method=method,
+                                      progress=False, **options)
+            variants.append(Variant(label, kind, target, model, report.params_fraction, report.flops_fraction,
+                                    forms_text(report)))
+            status = "ok"
+        except Exception as exc:   # the table records failures
+            status = error_text(exc)
+            variants.append(Variant(label, kind, target, None, error=status))
+        print(f"{name:<24}{label:<23}{kind:<8}{target:<6}{time.perf_counter() - start:7.1f} s  {status}",
+              flush=True)
     return variants
 
 
-def measure_latency(args, variants: List[Variant]) -> None:
-    """Fill ``variant.latency`` for every variant with a model, timed interleaved."""
+def measure(args, variants: List[Variant]) -> None:
+    """Fill ``variant.latency`` for every variant with a model: at batch 1 and ``--batch``, as
+    pruned and fused, every model of the architecture in one interleaved measurement."""
     timed = [v for v in variants if v.model is not None]
-    per_batch = []
-    for batch in (1, args.batch):
-        x = example_input(args.size, args.device, batch)
-        samples = [[] for _ in timed]
-        with torch.inference_mode():
-            for v in timed:
-                for _ in range(args.warmup):
-                    v.model(x)
-            for rep in range(args.repeats):
-                for k in range(len(timed)):
-                    i = (k + rep) % len(timed)
-                    synchronize(args.device)
-                    start = time.perf_counter()
-                    for _ in range(args.passes):
-                        timed[i].model(x)
-                    synchronize(args.device)
-                    samples[i].append((time.perf_counter() - start) / args.passes)
-        per_batch.append([statistics.median(s) for s in samples])
-    for v, latency in zip(timed, zip(*per_batch)):
-        v.latency = latency
+    example = example_input(args.size, args.device)
+    models = [v.model for v in timed] + [ted.fuse_for_inference(copy.deepcopy(v.model), example) for v in timed]
+    for b, batch in enumerate((1, args.batch)):
+        seconds = ted.measure_latency(models, example_input(args.size, args.device, batch), warmup=args.warmup,
+                                      repeats=args.repeats, min_sample_s=args.min_sample_ms / 1e3)
+        for i, v in enumerate(timed):
+            v.latency[(b, False)], v.latency[(b, True)] = seconds[i], seconds[len(timed) + i]
 
 
 def table(results: dict, args) -> str:
-    head = ["model", "method", f"target {args.target_kind}", "params kept", "FLOPs kept",
-            "latency b=1", f"latency b={args.batch}", "modules", "status"]
+    head = ["model", "method", "target", "params kept", "FLOPs kept", "latency b=1",
+            f"latency b={args.batch}", "fused b=1", f"fused b={args.batch}", "forms 3/in/out/folded",
+            "modules", "status"]
     rows = []
     for name, variants in results.items():
         base = variants[0]
         for v in variants:
+            target = "–" if v.kind is None else f"{v.kind} {v.target}"
             if v.model is None:
-                cells = [name, v.method, f"{v.target}"] + ["–"] * 5 + [v.error]
-            elif v.method is None:
-                cells = [name, "unpruned", "–", "1.000", "1.000"] + \
-                        [f"1.000 ({s * 1e3:.1f} ms)" for s in v.latency] + [str(v.modules), "ok"]
+                rows.append([name, v.label, target] + ["–"] * 8 + [v.error])
+            elif v is base:
+                rows.append([name, v.label, target, "1.000", "1.000"]
+                            + [f"1.000 ({v.latency[c] * 1e3:.1f} ms)" for c in COLUMNS]
+                            + ["–", str(v.modules), "ok"])
             else:
-                cells = [name, v.method, f"{v.target}", f"{v.params:.3f}", f"{v.flops:.3f}"] + \
-                        [f"{s / s0:.3f}" for s, s0 in zip(v.latency, base.latency)] + [str(v.modules), "ok"]
-            rows.append(cells)
+                rows.append([name, v.label, target, f"{v.params:.3f}", f"{v.flops:.3f}"]
+                            + [f"{v.latency[c] / base.latency[c]:.3f}" for c in COLUMNS]
+                            + [v.forms, str(v.modules), "ok"])
     return markdown_table(head, rows)
 
 
+def _ratio(a: Variant, b: Variant, column) -> float:
+    return a.latency[column] / b.latency[column] if a.latency and b.latency else float("nan")
+
+
 def checks(results: dict, args) -> str:
-    """The latency targets, per model and target."""
-    head = ["model", f"target {args.target_kind}",
-            f"eigendamage / kron_obd latency b=1 (≤ {SAME_COST_BOUND})",
-            f"eigendamage / kron_obd latency b={args.batch} (≤ {SAME_COST_BOUND})",
-            "eigendamage latency − FLOPs ratio b=1", f"eigendamage latency − FLOPs ratio b={args.batch}"]
+    """EigenDamage against Kron-OBD at the same budget, and its latency against its FLOPs."""
+    cols = [f"b={1 if b == 0 else args.batch}{' fused' if fused else ''}" for b, fused in COLUMNS]
+    head = (["model", f"target {args.target_kind}"]
+            + [f"ED / OBD {c} (≤ {SAME_COST_BOUND})" for c in cols]
+            + [f"ED lat-forms / OBD {c}" for c in cols[:2]]
+            + [f"ED latency − FLOPs {c}" for c in cols[:2]])
     rows = []
-    nan = float("nan")
     for name, variants in results.items():
         base = variants[0]
         for target in args.targets:
-            found = {v.method: v for v in variants if v.target == target}
-            ed, obd = found["eigendamage"], found["kron_obd"]
-            lat = lambda v, b: v.latency[b] if v.latency else nan   # noqa: E731
+            found = {v.label: v for v in variants if v.kind == args.target_kind and v.target == target}
+            ed, ed_lat, obd = found["eigendamage"], found["eigendamage/lat-forms"], found["kron_obd"]
             gap_is_target = (args.target_kind == "flops" and name in FLOPS_GAP_TARGET["models"]
                              and target == FLOPS_GAP_TARGET["target"])
             gap_bound = FLOPS_GAP_TARGET["bound"] if gap_is_target else None
-            cells = [name, f"{target}"]
-            cells += [checked(lat(ed, b) / lat(obd, b), SAME_COST_BOUND, 3) for b in (0, 1)]
-            cells += [checked(lat(ed, b) / lat(base, b) - ed.flops, gap_bound, 3) for b in (0, 1)]
-            rows.append(cells)
+            rows.append([name, f"{target}"]
+                        + [checked(_ratio(ed, obd, c), SAME_COST_BOUND, 3) for c in COLUMNS]
+                        + [checked(_ratio(ed_lat, obd, c), None, 3) for c in COLUMNS[:2]]
+                        + [checked(_ratio(ed, base, c) - ed.flops, gap_bound, 3) for c in COLUMNS[:2]])
+    return markdown_table(head, rows)
+
+
+def landing(results: dict) -> str:
+    """Every ``target_latency`` model: its batch-1 latency (measured here, as pruned) against the target."""
+    head = ["model", "method", "target latency", "measured b=1", f"|measured / target − 1| (≤ {LANDING_BOUND})",
+            "params kept", "FLOPs kept"]
+    rows = []
+    for name, variants in results.items():
+        for v in variants:
+            if v.kind == "latency":
+                measured = _ratio(v, variants[0], (0, False))
+                rows.append([name, v.label, f"{v.target}", checked(measured, None, 3),
+                             checked(abs(measured / v.target - 1), LANDING_BOUND, 3),
+                             f"{v.params:.3f}", f"{v.flops:.3f}"])
+    return markdown_table(head, rows)
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """What a leaf module is, for the time breakdown."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups > 1:
+            return "grouped conv"
+        return "1×1 conv" if layer.kernel_size == (1, 1) and layer.stride == (1, 1) else "other conv"
+    return type(layer).__name__
+
+
+def time_by_layer_kind(model: nn.Module, x: torch.Tensor, args) -> Dict[str, float]:
+    """Seconds per forward spent in each kind of leaf module (each leaf timed alone on the input
+    it reads), and ``"total"`` (the whole model, timed the same way)."""
+    seen: Dict[str, tuple] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+
+    def keep_inputs(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, inputs)
+        return hook
+
+    hooks = [m.register_forward_hook(keep_inputs(n)) for n, m in leaves]
+    with torch.inference_mode():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    spent = {"total": ted.measure_latency([model], x, repeats=args.repeats)[0]}
+    for n, m in leaves:
+        if n in seen:
+            kind = layer_kind(m)
+            alone = ted.measure_latency([m], seen[n], repeats=5, min_sample_s=0.002)[0]
+            spent[kind] = spent.get(kind, 0.0) + alone
+    return spent
+
+
+def breakdown(results: dict, args) -> str:
+    """Where the time goes: the unpruned model, eigendamage and kron_obd at the first target."""
+    head = ["model", "batch", "model variant", "total ms", "time per leaf-module kind (ms; the rest is "
+            "outside modules: residual sums, reshapes, ...)"]
+    rows = []
+    for name, variants in results.items():
+        chosen = [v for v in variants if v.kind is None or (
+            v.kind == args.target_kind and v.target == args.targets[0] and v.label in ("eigendamage", "kron_obd"))]
+        for b, batch in enumerate((1, args.batch)):
+            x = example_input(args.size, args.device, batch)
+            for v in chosen:
+                if v.model is None:
+                    continue
+                spent = time_by_layer_kind(v.model, x, args)
+                kinds = sorted((k for k in spent if k != "total"), key=lambda k: -spent[k])
+                shown = [f"{k} {spent[k] * 1e3:.2f}" for k in kinds if spent[k] >= 0.02 * spent["total"]]
+                rows.append([name, str(batch), v.label if v.kind is None else f"{v.label} {v.kind} {v.target}",
+                             f"{spent['total'] * 1e3:.2f}", ", ".join(shown)])
     return markdown_table(head, rows)
 
 
@@ -164,33 +273,49 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25],
                    help="shares of the unpruned cost to keep")
     p.add_argument("--target-kind", choices=("flops", "params"), default="flops",
-                   help="which cost the targets are shares of (prune's target_<kind>)")
+                   help="which cost --targets are shares of (prune's target_<kind>)")
+    p.add_argument("--latency-targets", nargs="*", type=float, default=[0.5],
+                   help="shares of the unpruned batch-1 latency to keep (prune's target_latency)")
+    p.add_argument("--zero-init-last", action="store_true",
+                   help="build timm ResNets with their default zero-initialised last BatchNorm")
     p.add_argument("--size", type=int, default=96, help="image side (img_size of fixed-size models)")
     p.add_argument("--batch", type=int, default=8, help="the larger latency batch (besides 1)")
     p.add_argument("--stat-batches", type=int, default=2, help="statistics (and gradient) batches")
     p.add_argument("--stat-batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (median)")
-    p.add_argument("--passes", type=int, default=3, help="forward passes per timed sample")
+    p.add_argument("--repeats", type=int, default=9, help="interleaved timed samples per model (median)")
+    p.add_argument("--min-sample-ms", type=float, default=5.0, help="shortest timed sample")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time every leaf module of the unpruned, eigendamage and kron_obd models "
+                        "(first target) alone and print the time per kind of module")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    print(f"{args.size}×{args.size}, target_{args.target_kind} {args.targets}, statistics "
-          f"{args.stat_batches} × {args.stat_batch_size}, {args.device}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), latency median of {args.repeats} × {args.passes} passes", flush=True)
+    clock = latency_clock(example_input(args.size, args.device))
+    print(f"{args.size}×{args.size}, target_{args.target_kind} {args.targets}, target_latency "
+          f"{args.latency_targets}, statistics {args.stat_batches} × {args.stat_batch_size}, {args.device}, "
+          f"torch {torch.__version__}, {args.threads} thread(s), latency: median of {args.repeats} "
+          f"samples, {clock} clock, zero_init_last={args.zero_init_last}", flush=True)
     results = {}
     for name in args.models:
         results[name] = pruned_variants(args, name)
-        measure_latency(args, results[name])
+        measure(args, results[name])
     print()
     print(table(results, args))
     print()
     print(checks(results, args))
     gap = FLOPS_GAP_TARGET
-    print(f"The latency − FLOPs target (≤ {gap['bound']}) applies to eigendamage at FLOPs "
-          f"{gap['target']} on {' and '.join(gap['models'])} (✓/✗ there).")
+    print(f"ED: eigendamage, OBD: kron_obd at the same target. The latency − FLOPs target "
+          f"(≤ {gap['bound']}) applies to eigendamage at FLOPs {gap['target']} on "
+          f"{' and '.join(gap['models'])} (✓/✗ there).")
+    if args.latency_targets:
+        print()
+        print(landing(results))
+    if args.breakdown:
+        print()
+        print(breakdown(results, args))
 
 
 if __name__ == "__main__":

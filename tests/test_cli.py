@@ -77,10 +77,13 @@ def test_compare_covers_every_method_target_and_seed_reproducibly(tmp_path, caps
             r[k] == cell[k] for k in ("method", "target_params", "finetune_epochs"))]
         assert cell["accuracy"]["mean"] == pytest.approx(statistics.fmean(accuracies))
         assert cell["accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
-    assert "±" in printed and _png_ok(out / "compare.png")
+    assert "±" in printed and _png_ok(out / "compare.png") and "latency kept" in printed
+    for cell in first["summary"]:                      # the plot's second panel: measured latency
+        assert 0 < cell["latency_fraction"]["mean"] < 2
 
     second, _ = _compare(tmp_path, "b", "1")            # seed 1 alone gives the same numbers
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs if r["seed"] == 1]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "latency_fraction")}  # noqa: E731
+                        for r in rs if r["seed"] == 1]   # timings differ between runs
     assert strip(first["results"]) == strip(second["results"])
 
 
@@ -89,6 +92,8 @@ def test_compare_covers_every_method_target_and_seed_reproducibly(tmp_path, caps
     (["--method", "l7_norm"], "unknown method"),
     (["--target-params", "1.5"], "between 0 and 1"),
     (["--target-flops", "0"], "between 0 and 1"),
+    (["--target-latency", "2"], "between 0 and 1"),
+    (["--target-latency", "0.5", "--target-flops", "0.5"], "not allowed with argument"),
     (["--data", "/nonexistent/folder"], "neither 'digits' nor an existing folder"),
     (["--method", "eigendamge"], "did you mean 'eigendamage'"),
     (["--model", "resnet81"], "did you mean 'resnet18'"),
@@ -100,6 +105,19 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_latency_target_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "latency"
+    code = main(["--model", "resnet18", "--image-size", "48", "--epochs", "0", "--stat-batches", "1",
+                 "--batch-size", "16", "--no-progress", "--method", "kron_obd", "--target-latency", "0.6",
+                 "--finetune-epochs", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "keep 60% of the measured latency" in printed
+    pruning = json.loads((out / "report.json").read_text())["pruning"]
+    assert pruning["target"] == {"target_latency": 0.6}
+    assert abs(pruning["rounds"][0]["searched_fraction"] / 0.6 - 1) <= 0.05   # the search's tolerance
+    assert pruning["latency"]["before_s"] > 0 and pruning["latency"]["fraction"] is not None
 
 
 def test_data_folder_that_is_not_an_image_folder(tmp_path, capsys):
@@ -138,7 +156,7 @@ def test_module_entry_point_help():
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0
     for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
-                 "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
+                 "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
                  "--stat-batches", "--fisher-type", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
     assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout

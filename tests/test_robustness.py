@@ -130,8 +130,9 @@ FROZEN = ("stem", "bn0", "c1")
 
 @pytest.fixture(scope="module")
 def pruned():
-    """DigitsNet, eigendamage to half its parameters: c1 stays a KFE block, the stem is
-    folded back; modes mixed, the stem and c1 frozen, hooks on the model, c1 and the stem."""
+    """DigitsNet, eigendamage to half its parameters: c1 stays a KFE block (in three or two
+    layers), the stem is folded back; modes mixed, the stem and c1 frozen, hooks on the model,
+    c1 and the stem."""
     model = digits_net().train()
     model.bn1.eval()
     model.c3.eval()
@@ -145,9 +146,13 @@ def pruned():
                "stem": model.stem.register_forward_hook(calls["stem"])}
     result, report = ted.prune(model, batches(), X, method="eigendamage", target_params=0.5,
                                tolerance=0.05, progress=False)
-    assert result is model and isinstance(model.c1, ted.KFEBlock) and type(model.stem) is nn.Conv2d
+    assert result is model and isinstance(model.c1, KEPT_BLOCK) and type(model.stem) is nn.Conv2d
     assert report.kfe_blocks_built > len(ted.kfe_blocks(model))   # some folded back
     return dict(model=model, modes=modes, calls=calls, handles=handles)
+
+
+#: A kept KFE block: three layers, or two (tp_eigendamage.forms).
+KEPT_BLOCK = (ted.KFEBlock, ted.TwoLayerForm)
 
 
 def _original_name(name, originals):
@@ -160,14 +165,15 @@ def success_modes_are_kept_new_modules_take_their_layers(pruned):
     model, modes = pruned["model"], pruned["modes"]
     for name, m in model.named_modules():
         assert m.training == modes[_original_name(name, modes)], name
-    assert model.c1.rotate_in.training and not model.c3.training
+    assert next(model.c1.children()).training and not model.c3.training   # rotate_in / first
 
 
 def success_frozen_layers_stay_frozen_kfe_parts_included(pruned):
     model = pruned["model"]
     for name, p in model.named_parameters():
         assert p.requires_grad == (not name.startswith(FROZEN)), name
-    assert model.c1.core.out_channels < 16          # the frozen c1 (a KFE block now) was pruned
+    inner = model.c1.width if isinstance(model.c1, ted.TwoLayerForm) else model.c1.core.out_channels
+    assert inner < 16                                # the frozen c1 (a KFE block now) was pruned
 
 
 def success_hooks_follow_rewritten_and_folded_layers(pruned):
@@ -196,7 +202,7 @@ def test_every_module_keeps_the_mode_of_the_model(mode):
     model = digits_net().train(mode)
     ted.prune(model, batches(), X, method="eigendamage", target_params=0.5, tolerance=0.05, progress=False)
     assert {m.training for m in model.modules()} == {mode}
-    assert any(isinstance(m, ted.KFEBlock) for m in model.modules())
+    assert any(isinstance(m, KEPT_BLOCK) for m in model.modules())
 
 
 # -- frozen layers: pruned like any other, still frozen, with every method ------------------

@@ -5,7 +5,9 @@ Public API (the method: docs/method.md):
 * statistics: :func:`collect_kfac` (K-FAC factors), :func:`collect_fisher_diag`,
   :func:`fit_eigen_correction` (EK-FAC refit in the KFE);
 * the KFE rewrite: :func:`to_kfe`, :func:`fold_kfe`, :class:`KFEBlock`, :func:`kfe_blocks`;
-  deployment: :func:`fuse_for_inference` (BatchNorm folded into convolutions);
+  deployment: :func:`to_cheapest_forms` (each block in its cheapest exact form, two-layer forms
+  as :class:`TwoLayerForm`), :func:`fuse_for_inference` (BatchNorm folded into convolutions),
+  :func:`measure_latency`;
 * Torch-Pruning importances: :class:`EigenDamageImportance`, :class:`KroneckerOBDImportance`,
   :class:`KroneckerOBSImportance`, :class:`FisherDiagImportance`, :class:`CombinedImportance`;
 * the driver: :func:`prune` → ``(model, PruneReport)``, its methods :data:`METHODS`;
@@ -21,13 +23,15 @@ from .errors import (FisherInputError, InvalidArgumentError, KFACError, KFEError
                      PruneArgumentError, PruningError, StaleBasisError, StaleStatisticsError,
                      TargetUnreachableError, TPEigenDamageError, TrainingDivergedError)
 from .fisher import cross_entropy, gaussian_nll, sample_categorical, sample_gaussian
+from .forms import TwoLayerForm
 from .fusion import fuse_for_inference
 from .importance import (CombinedImportance, EigenDamageImportance, FisherDiagImportance,
                          KroneckerOBDImportance, KroneckerOBSImportance)
 from .io import load, save
 from .kfac import KFACFactors, KFACStats, collect_kfac
-from .kfe import fold_kfe, kfe_blocks, to_kfe
+from .kfe import fold_kfe, kfe_blocks, to_cheapest_forms, to_kfe
 from .kfe_block import KFEBlock
+from .latency import measure_latency
 from .methods import METHODS, Method
 from .prune import prune
 from .report import PruneReport
@@ -36,7 +40,8 @@ __all__ = [
     "__version__",
     "collect_kfac", "KFACStats", "KFACFactors",
     "collect_fisher_diag", "FisherDiagStats", "fit_eigen_correction",
-    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "fuse_for_inference",
+    "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "to_cheapest_forms", "TwoLayerForm",
+    "fuse_for_inference", "measure_latency",
     "EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
     "FisherDiagImportance", "CombinedImportance", "obs_compensation", "obs_damage",
     "prune", "PruneReport", "Cost", "METHODS", "Method",

@@ -4,9 +4,11 @@ amounts measured on shape-only twins; the chosen amount removed from the model.
 A twin is a deep copy of the model whose parameters and buffers live on the ``meta`` device
 (shapes only, no arithmetic), made together with a copy of the round's pruner, dependency graph
 included (traced once per round, on the model). It runs the same Torch-Pruning code on the same
-shapes with the cached scores, so it costs exactly what the model costs after the same pruning:
-its parameters are counted directly, its FLOPs by a forward. Models whose pruning or forward
-cannot run on the ``meta`` device get twins with real (copied) tensors instead.
+shapes with the cached scores and stores its KFE blocks in the same forms (:func:`store_forms`),
+so it costs exactly what the model costs after the same pruning: its parameters are counted
+directly, its FLOPs by a forward. Models whose pruning or forward cannot run on the ``meta``
+device get twins with real (copied) tensors instead, and so does every trial that needs a
+clock: a latency target, or forms chosen by latency.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import copy
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -26,11 +28,18 @@ from .batches import to_device
 from .budget import Cost, count_params, measure_cost
 from .damage import obs_compensation
 from .errors import TargetUnreachableError
-from .kfe import fold_kfe, kfe_part
+from .forms import FORMS, FormLatencies
+from .kfe import kfe_part, to_cheapest_forms
+from .latency import measure_latency
 from .layers import adapter_for
 from .methods import Method
 
-__all__ = ["PruneConfig", "Round", "RoundImportance", "checked_cost", "layer_name"]
+__all__ = ["PruneConfig", "Round", "RoundImportance", "checked_cost", "layer_name", "store_forms",
+           "latency_fraction", "INTERMEDIATE_FORMS"]
+
+#: Forms of a KFE block between rounds: a block the next round re-rotates stays a block, one
+#: that does not pay is folded (the next round rewrites the dense layer afresh).
+INTERMEDIATE_FORMS = ("dense", "kfe")
 
 #: Torch-Pruning mutates these dicts (and shares its defaults between pruners): always fresh.
 _MUTATED_KWARGS = ("in_channel_groups", "out_channel_groups", "num_heads")
@@ -57,6 +66,28 @@ class PruneConfig:
     tp_kwargs: dict
     timm_helper: Any
     eigen_precision: str = "float64"
+    form_cost: str = "params"         # what the forms of KFE blocks are chosen by
+    unpruned: Optional[nn.Module] = None   # the user's model: the latency reference
+    latencies: FormLatencies = field(default_factory=FormLatencies)
+
+    @property
+    def needs_clock(self) -> bool:
+        """Trials are timed (real tensors): forms chosen by latency."""
+        return self.form_cost == "latency"
+
+
+def store_forms(model: nn.Module, config: PruneConfig, inputs, final: bool) -> None:
+    """Store the KFE blocks of ``model`` in their cheapest forms by ``config.form_cost``: all
+    four forms after the last round, :data:`INTERMEDIATE_FORMS` before."""
+    to_cheapest_forms(model, cost=config.form_cost, example_inputs=inputs,
+                      forms=FORMS if final else INTERMEDIATE_FORMS, latencies=config.latencies)
+
+
+def latency_fraction(model: nn.Module, config: PruneConfig) -> float:
+    """``model``'s measured latency on the example inputs over the unpruned model's, timed
+    side by side (:func:`~tp_eigendamage.latency.measure_latency`)."""
+    reference, now = measure_latency([config.unpruned, model], config.example_inputs)
+    return now / reference
 
 
 class RoundImportance(tp.importance.Importance):
@@ -233,10 +264,11 @@ def _nothing_to_prune(config: PruneConfig, names: Dict[int, str]) -> TargetUnrea
 
 
 class Round:
-    """One round on ``model``: one pruner, every group scored once, candidates measured on twins."""
+    """One round on ``model``: one pruner, every group scored once, candidates measured on twins.
+    ``final``: the last round, after which KFE blocks take any of their forms."""
 
-    def __init__(self, model: nn.Module, stats, config: PruneConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: nn.Module, stats, config: PruneConfig, final: bool):
+        self.model, self.config, self.final = model, config, final
         self.importance = RoundImportance(config.method.importance(stats), config.cap, config.initial)
         with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
@@ -251,7 +283,7 @@ class Round:
                           "(removed first), as for channels whose gradient is exactly zero", stacklevel=3)
         if not self.importance.scores:
             raise _nothing_to_prune(config, self.importance.names)
-        self.meta = True
+        self.meta = not config.needs_clock
         self.trials = 0
 
     def metric_at(self, ratio: float, metric: str) -> int:
@@ -265,17 +297,27 @@ class Round:
         return self._twin_metric(ratio, metric, meta=False)
 
     def _twin_metric(self, ratio: float, metric: str, meta: bool) -> int:
+        twin, inputs = self._pruned_twin(ratio, meta)
+        return count_params(twin) if metric == "params" else checked_cost(twin, inputs).flops
+
+    def latency_at(self, ratio: float) -> float:
+        """The model's latency after this round's pruning at channel ``ratio``, as a fraction
+        of the unpruned model's (a real copy, pruned and timed next to the unpruned model)."""
+        self.trials += 1
+        twin, _ = self._pruned_twin(ratio, meta=False)
+        return latency_fraction(twin, self.config)
+
+    def _pruned_twin(self, ratio: float, meta: bool):
+        """``(twin, its inputs)``: a twin pruned at ``ratio``, its blocks in their forms."""
+        inputs = to_device(self.config.example_inputs, "meta") if meta else self.config.example_inputs
         importance = self.importance.for_twin()
         twin, pruner = _twin(self.model, self.pruner, importance, meta)
         _remove(twin, pruner, ratio, self.config, importance.names)
-        fold_kfe(twin, only_unprofitable=True)
-        if metric == "params":
-            return count_params(twin)
-        inputs = to_device(self.config.example_inputs, "meta") if meta else self.config.example_inputs
-        return checked_cost(twin, inputs).flops
+        store_forms(twin, self.config, inputs, self.final)
+        return twin, inputs
 
     def apply(self, ratio: float, stats) -> Dict[str, float]:
-        """Prune the model at channel ``ratio`` (KFE blocks are folded by the caller); returns
+        """Prune the model at channel ``ratio`` (the caller stores KFE blocks in their forms); returns
         the predicted damage per reported layer.
 
         With OBS compensation, every consumer is first compensated for ALL its removed inputs

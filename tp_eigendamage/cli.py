@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the original parameters to KEEP (default 0.5)")
     target.add_argument("--target-flops", type=float, default=None,
                         help="share of the original FLOPs to KEEP")
+    target.add_argument("--target-latency", type=float, default=None,
+                        help="share of the original model's measured latency to KEEP (batch 1 "
+                             "on --device; each trial of the search is timed)")
     target.add_argument("--pruning-ratio", type=float, default=None,
                         help="share of the channels to REMOVE (Torch-Pruning's pruning_ratio; "
                              "removing 50%% of the channels keeps about 25%% of the parameters)")
@@ -180,9 +183,10 @@ def _check_fraction(value: float, flag: str) -> None:
 
 
 def _target_of(args) -> Dict[str, float]:
-    if args.target_flops is not None:
-        _check_fraction(args.target_flops, "--target-flops")
-        return {"target_flops": args.target_flops}
+    for name in ("target_flops", "target_latency"):
+        if getattr(args, name) is not None:
+            _check_fraction(getattr(args, name), f"--{name.replace('_', '-')}")
+            return {name: getattr(args, name)}
     if args.pruning_ratio is not None:
         _check_fraction(args.pruning_ratio, "--pruning-ratio")
         return {"pruning_ratio": args.pruning_ratio}

@@ -204,7 +204,8 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _aggregate(results: List[dict], keys=("params_fraction", "flops_fraction", "accuracy", "loss")) -> List[dict]:
+def _aggregate(results: List[dict],
+               keys=("params_fraction", "flops_fraction", "latency_fraction", "accuracy", "loss")) -> List[dict]:
     """Mean and standard deviation over seeds of every (method, target, budget) cell."""
     cells: Dict[tuple, List[dict]] = {}
     for r in results:
@@ -240,17 +241,21 @@ def compare(args, methods: List[str], targets: List[float], budgets: List[int], 
                     results.append({"seed": seed, "method": method, "target_params": target,
                                     "finetune_epochs": budget, "params_fraction": report.params_fraction,
                                     "flops_fraction": report.flops_fraction,
+                                    "latency_fraction": report.latency_fraction,
                                     "accuracy": ev["accuracy"], "loss": ev["loss"], "seconds": seconds})
     summary = _aggregate(results)
     base = {k: _mean_std([b[k] for b in baselines]) for k in ("accuracy", "loss")}
     rows = [[r["method"], f"{r['target_params']:.2f}", str(r["finetune_epochs"]),
              f"{r['params_fraction']['mean']:.3f}", f"{r['flops_fraction']['mean']:.3f}",
+             _pm(r["latency_fraction"], ".3f"),
              _pm({k: 100 * v for k, v in r["accuracy"].items()}, ".2f") + "%", _pm(r["loss"], ".4f")]
             for r in summary]
     print(f"\n{args.model} on {data_name}, seeds {seeds}: unpruned test accuracy "
           f"{_pm({k: 100 * v for k, v in base['accuracy'].items()}, '.2f')}%, loss {_pm(base['loss'], '.4f')}")
-    print(format_table(["method", "target", "ft epochs", "params kept", "FLOPs kept", "test acc",
-                        "test loss"], rows))
+    print(format_table(["method", "target", "ft epochs", "params kept", "FLOPs kept", "latency kept",
+                        "test acc", "test loss"], rows))
+    print(f"latency kept: measured latency of the pruned model over the unpruned one (batch 1, "
+          f"{args.device}), mean ± std over the seeds")
     out = {"config": {**vars(args), "threads": torch.get_num_threads()}, "seeds": seeds,
            "baseline": base, "baselines": baselines, "summary": summary, "results": results,
            "versions": versions()}

@@ -4,29 +4,37 @@
   (docs/method.md §3); on a model that already holds KFE blocks it re-rotates each block whose
   core has fresh statistics and merges the new rotations into the existing rotation layers
   (§7), so a block never gets deeper than three stages.
-* :func:`fold_kfe` multiplies a block back into one dense layer ``W' = Q_S' W*' Q_A'ᵀ`` (§6).
+* :func:`fold_kfe` multiplies a block back into one dense layer ``W' = Q_S' W*' Q_A'ᵀ`` (§6);
+  :func:`to_cheapest_forms` stores each block in the cheapest of its four exact forms (three
+  layers, two layers, one dense layer; :mod:`tp_eigendamage.forms`) by parameters, FLOPs or
+  measured latency.
 
 Hooks: a block computes exactly what the layer it replaces computed, so it takes over that
 layer's forward (pre-)hooks and backward hooks — the very hook tables, so the user's handles
-still remove them — and a fold hands them on to the dense layer. State-dict hooks are not
-carried (the block's parameter names differ); a layer that has some gets a warning naming it.
+still remove them — and a fold (or any other form) hands them on to the module replacing the
+block. State-dict hooks are not carried (the block's parameter names differ); a layer that has
+some gets a warning naming it.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
-from ._model_state import has_state_dict_hooks, share_hooks
+from ._model_state import has_state_dict_hooks, restored_modes, share_hooks
 from ._surgery import module_places, replace_module
+from .batches import default_forward_fn
 from .errors import KFEError, StaleStatisticsError
+from .forms import COSTS, FORMS, FormLatencies, cheapest, form_macs, form_module
 from .heads import classifier_layers
 from .kfac import KFACStats
 from .kfe_block import KFEBlock, is_plain_layer
 from .layers import adapter_for
 
-__all__ = ["to_kfe", "fold_kfe", "kfe_blocks", "kfe_part", "kfe_targets", "ModuleRef"]
+__all__ = ["to_kfe", "fold_kfe", "to_cheapest_forms", "kfe_blocks", "kfe_part", "kfe_targets", "ModuleRef"]
 
 
 def kfe_blocks(model: nn.Module) -> List[Tuple[str, KFEBlock]]:
@@ -235,6 +243,99 @@ def to_kfe(model: nn.Module, stats: KFACStats, *, modules: Optional[Iterable[Mod
     return model
 
 
+class _Call(NamedTuple):
+    """One call of a block: its input and output shapes, and the input itself if it is kept."""
+
+    input_shape: torch.Size
+    output_shape: torch.Size
+    input: Optional[torch.Tensor]
+
+
+def _block_calls(model: nn.Module, example_inputs, blocks, keep_inputs: bool) -> Dict[int, List[_Call]]:
+    """``id(block) → calls`` of each block in one forward of ``model`` on ``example_inputs``
+    (eval mode, modes restored, no gradients); inputs are kept only if ``keep_inputs``."""
+    calls: Dict[int, List[_Call]] = {id(b): [] for _, b in blocks}
+
+    def record(block, inputs, output):
+        calls[id(block)].append(_Call(inputs[0].shape, output.shape, inputs[0] if keep_inputs else None))
+
+    hooks = [b.register_forward_hook(record) for _, b in blocks]
+    try:
+        with torch.no_grad(), restored_modes(model):
+            default_forward_fn(model.eval(), example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _form_costs(block: KFEBlock, cost: str, calls: Optional[List[_Call]], forms,
+                latencies: FormLatencies) -> Dict[str, float]:
+    """The cost of each of ``forms`` of ``block``: parameters, MACs summed over its calls, or
+    measured seconds (the first call's input, times the number of calls)."""
+    if cost == "params":
+        return form_macs(block)
+    if cost == "flops":
+        (_, c_in), (c_out, _) = block.rotation_in_matrix().shape, block.rotation_out_matrix().shape
+        totals = [form_macs(block, math.prod(c.input_shape) // c_in, math.prod(c.output_shape) // c_out)
+                  for c in calls]
+        return {f: sum(t[f] for t in totals) for f in forms}
+    seconds = latencies(block, calls[0].input, forms)
+    return {f: seconds[f] * len(calls) for f in forms}
+
+
+def to_cheapest_forms(model: nn.Module, *, cost: str = "params", example_inputs=None,
+                      forms: Sequence[str] = FORMS, latencies: Optional[FormLatencies] = None) -> nn.Module:
+    """Store every KFE block in the cheapest of its exact forms (:mod:`tp_eigendamage.forms`); in place.
+
+    Args:
+        model: a model holding KFE blocks (e.g. pruned by :func:`~tp_eigendamage.prune`).
+        cost: what "cheapest" means: ``"params"`` (weights), ``"flops"`` (multiply-accumulates
+            on ``example_inputs``) or ``"latency"`` (each form of each block timed on the input
+            the block reads when the model runs ``example_inputs``, on the model's device;
+            :func:`~tp_eigendamage.latency.measure_latency`).
+        example_inputs: an input batch; needed for ``"flops"`` and ``"latency"``.
+        forms: the forms allowed, among ``"kfe"`` (three layers, kept as the block),
+            ``"in_merged"``, ``"out_merged"`` (two layers, :class:`~tp_eigendamage.forms.TwoLayerForm`)
+            and ``"dense"`` (one layer); ties go to the form with fewer layers.
+        latencies: a :class:`~tp_eigendamage.forms.FormLatencies` cache to reuse across calls
+            (``"latency"``): a block shape timed once keeps its answer. Default: a fresh one.
+
+    Returns:
+        ``model``. Exact: each new module computes its block's function. Blocks the forward on
+        ``example_inputs`` does not reach are left as they are (``"flops"`` / ``"latency"``).
+
+    Raises:
+        KFEError: an unknown cost or form, no ``example_inputs`` where needed, or the model
+            itself is a block.
+    """
+    if cost not in COSTS:
+        raise KFEError(f"cost={cost!r}: choose one of {', '.join(COSTS)}")
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown or not forms:
+        raise KFEError(f"forms={list(forms)!r}: give one or more of {', '.join(FORMS)}")
+    if cost != "params" and example_inputs is None:
+        raise KFEError(f"cost={cost!r} is measured on example_inputs; pass an input batch")
+    blocks = kfe_blocks(model)
+    if any(name == "" for name, _ in blocks):
+        raise KFEError("the model itself is a KFEBlock; call model.fold() instead, or wrap it in "
+                       "nn.Sequential so that it can be replaced in place")
+    measured = cost != "params" and blocks
+    calls = _block_calls(model, example_inputs, blocks, keep_inputs=cost == "latency") if measured else {}
+    latencies = FormLatencies() if latencies is None else latencies
+    chosen = []
+    for name, blk in blocks:
+        if cost != "params" and not calls[id(blk)]:
+            continue   # not run on example_inputs: left as it is
+        form = cheapest(_form_costs(blk, cost, calls.get(id(blk)), forms, latencies), forms)
+        if form != "kfe":
+            chosen.append((name, blk, form_module(blk, form)))
+    places = module_places(model)
+    for name, blk, new in chosen:
+        _replace(places, blk, new, name)
+    return model
+
+
 def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
     """Replace KFE blocks by one dense layer each, ``W' = Q_S' W*' Q_A'ᵀ`` (docs/method.md §6); in place.
 
@@ -242,6 +343,7 @@ def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
         model: a model holding KFE blocks.
         only_unprofitable: fold only blocks whose three layers hold at least as many
             parameters as the dense layer (the bottleneck does not pay); ``False`` folds all.
+            :func:`to_cheapest_forms` also considers the two-layer forms and other costs.
 
     Returns:
         ``model``. Exact: each dense layer computes its pruned block's function.
@@ -249,13 +351,4 @@ def fold_kfe(model: nn.Module, *, only_unprofitable: bool = True) -> nn.Module:
     Raises:
         KFEError: the model itself is a block (call ``block.fold()``).
     """
-    blocks = kfe_blocks(model)
-    if any(name == "" for name, _ in blocks):
-        raise KFEError("the model itself is a KFEBlock; call model.fold() instead")
-    chosen = [(n, b) for n, b in blocks
-              if not only_unprofitable or b.num_parameters() >= b.dense_num_parameters()]
-    folded = [(n, b, b.fold()) for n, b in chosen]
-    places = module_places(model)
-    for name, blk, dense in folded:
-        _replace(places, blk, dense, name)
-    return model
+    return to_cheapest_forms(model, forms=("dense", "kfe") if only_unprofitable else ("dense",))

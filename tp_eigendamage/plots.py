@@ -26,7 +26,7 @@ def plot_layer_widths(rows: Sequence[dict], path: str) -> None:
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("channels / directions kept")
-    ax.set_title("Per-layer width (KFE blocks: output directions)")
+    ax.set_title("Per-layer width (KFE blocks: output directions; two-layer forms: the inner width)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -35,7 +35,7 @@ def plot_layer_widths(rows: Sequence[dict], path: str) -> None:
 
 def _width(layer: dict) -> int:
     dirs = layer.get("directions")
-    return dirs[1] if dirs else layer["out_channels"]
+    return dirs[-1] if dirs else layer["out_channels"]
 
 
 def plot_spectra(spectra: Dict[str, Dict[str, List[float]]], path: str) -> None:
@@ -61,29 +61,36 @@ def plot_spectra(spectra: Dict[str, Dict[str, List[float]]], path: str) -> None:
     plt.close(fig)
 
 
+#: The x axes of :func:`plot_compare`: summary key and label.
+COMPARE_AXES = (("params_fraction", "remaining parameters (fraction of original)"),
+                ("latency_fraction", "measured latency (fraction of original)"))
+
+
 def plot_compare(summary: Sequence[dict], path: str) -> None:
-    """Test accuracy (mean ± std over seeds) vs remaining parameters, one line per (method,
-    fine-tune budget): a marker per method, a line style per budget, and a small horizontal
-    offset per method so that coinciding points do not hide each other."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Test accuracy (mean ± std over seeds) against remaining parameters (left) and against
+    measured latency (right), one line per (method, fine-tune budget): a marker per method, a
+    line style per budget, and a small horizontal offset per method so that coinciding points
+    do not hide each other."""
+    fig, axes = plt.subplots(1, len(COMPARE_AXES), figsize=(12, 4.5), sharey=True)
     methods = sorted({r["method"] for r in summary})
     budgets = sorted({r["finetune_epochs"] for r in summary})
     styles = ("-", "--", ":", "-.")
-    for r_method, method in enumerate(methods):
-        for budget in budgets:
-            rows = sorted((r for r in summary if r["method"] == method and r["finetune_epochs"] == budget),
-                          key=lambda r: r["params_fraction"]["mean"])
-            if not rows:
-                continue
-            offset = 0.004 * (r_method - (len(methods) - 1) / 2)
-            ax.errorbar([r["params_fraction"]["mean"] + offset for r in rows],
-                        [r["accuracy"]["mean"] for r in rows], yerr=[r["accuracy"]["std"] for r in rows],
-                        marker=MARKERS[r_method % len(MARKERS)], linestyle=styles[budgets.index(budget) % 4],
-                        capsize=3, markersize=5, label=f"{method} (ft {budget})")
-    ax.set_xlabel("remaining parameters (fraction of original)")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    for ax, (key, label) in zip(axes, COMPARE_AXES):
+        for r_method, method in enumerate(methods):
+            for budget in budgets:
+                rows = sorted((r for r in summary if r["method"] == method and r["finetune_epochs"] == budget),
+                              key=lambda r: r[key]["mean"])
+                if not rows:
+                    continue
+                offset = 0.004 * (r_method - (len(methods) - 1) / 2)
+                ax.errorbar([r[key]["mean"] + offset for r in rows],
+                            [r["accuracy"]["mean"] for r in rows], yerr=[r["accuracy"]["std"] for r in rows],
+                            marker=MARKERS[r_method % len(MARKERS)], linestyle=styles[budgets.index(budget) % 4],
+                            capsize=3, markersize=5, label=f"{method} (ft {budget})")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

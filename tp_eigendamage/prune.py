@@ -1,4 +1,4 @@
-"""The one-call driver: statistics → (KFE) → Torch-Pruning → (compensation) → fold → report.
+"""The one-call driver: statistics → (KFE) → Torch-Pruning → (compensation) → forms → report.
 
 Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 
@@ -8,15 +8,21 @@ Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
    the KFE (``to_kfe``);
 3. score every Torch-Pruning group of the model ONCE;
 4. find how many channels to remove so that the model lands on this round's budget
-   (``target^(r/k)`` of the original parameters / FLOPs, or Torch-Pruning's ``pruning_ratio``
-   schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (with a copy of the
-   step-3 dependency graph: no new trace) and counted there (:func:`tp_eigendamage.budget.search_ratio`);
+   (``target^(r/k)`` of the original parameters / FLOPs / latency, or Torch-Pruning's
+   ``pruning_ratio`` schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (with
+   a copy of the step-3 dependency graph: no new trace), its KFE blocks stored as in step 6, and
+   counted there (:func:`tp_eigendamage.budget.search_ratio`);
+   for a latency target the twin holds real tensors and is timed next to the unpruned model;
 5. remove them from the model, never more than ``max_layer_ratio`` of any layer's original
    channels / directions; ``kron_obs`` first applies the K-FAC OBS compensation to the
    consumer layers;
-6. fold KFE blocks whose bottleneck does not pay (``fold_kfe``), then ``finetune(model, r)``.
+6. store each KFE block in its cheapest form by ``form_cost`` (:func:`~tp_eigendamage.to_cheapest_forms`):
+   before the last round a block stays a block (the next round re-rotates it) or is folded
+   into one dense layer; after the last round it may also take a two-layer form. Then
+   ``finetune(model, r)``.
 
-The report's ``timings`` split the wall time into these stages.
+The report's ``timings`` split the wall time into these stages, plus the latency measurements
+(the unpruned and the pruned model, timed side by side at the end, for every target).
 
 What happens to the user's model:
 
@@ -56,14 +62,16 @@ from . import _tp
 from ._model_state import adopt_modes_flags_hooks
 from ._options import FisherType, check_choice
 from ._passes import check_data, is_one_shot
-from ._round import PruneConfig, Round, checked_cost
+from ._round import PruneConfig, Round, checked_cost, latency_fraction, store_forms
 from .batches import Inputs, default_batch_fn, default_forward_fn
 from .budget import search_ratio
 from .eigen import PRECISIONS, Precision
 from .errors import PruneArgumentError
+from .forms import COSTS
 from .heads import output_layers, unique_modules
 from .kfac import MAX_FACTOR_DIM
-from .kfe import fold_kfe, kfe_blocks, kfe_targets, to_kfe
+from .kfe import kfe_blocks, kfe_targets, to_kfe
+from .latency import latency_clock, measure_latency
 from .layers import adapter_for
 from .methods import METHODS, get_method
 from .report import PruneReport, build_report, layer_stats
@@ -71,20 +79,27 @@ from .report import PruneReport, build_report, layer_stats
 __all__ = ["prune", "STAGES"]
 
 #: The stages ``PruneReport.timings`` splits the wall time into (seconds each).
-STAGES = ("statistics", "eigendecomposition", "rewrite", "scoring", "ratio_search", "pruning", "fold")
+STAGES = ("statistics", "eigendecomposition", "rewrite", "scoring", "ratio_search", "pruning", "fold",
+          "latency")
 
 _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterative_steps",
                       "max_pruning_ratio", "example_inputs", "model")
 
 
-def _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps, finetune,
-                max_layer_ratio, tolerance, tp_kwargs) -> Tuple[str, float]:
-    """Validate ``prune()``'s arguments; returns ``(target name, value)``."""
-    given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_params", target_params),
-                               ("target_flops", target_flops)) if v is not None}
+#: The cost KFE blocks' forms are chosen by, per budget (``form_cost=None``).
+FORM_COST_OF_TARGET = {"target_params": "params", "target_flops": "flops", "target_latency": "latency",
+                       "pruning_ratio": "flops"}
+#: ``tolerance=None``: measured latency is noisier than a count.
+DEFAULT_TOLERANCE = {"target_latency": 0.05}
+
+
+def _check_args(targets: Dict[str, Optional[float]], method, iterative_steps, finetune,
+                max_layer_ratio, tolerance, form_cost, tp_kwargs) -> Tuple[str, float, float, str]:
+    """Validate ``prune()``'s arguments; returns ``(target name, value, tolerance, form cost)``."""
+    given = {k: v for k, v in targets.items() if v is not None}
     if len(given) != 1:
         raise PruneArgumentError(
-            f"pass exactly one of pruning_ratio, target_params, target_flops (got {sorted(given) or 'none'})")
+            f"pass exactly one of {', '.join(targets)} (got {sorted(given) or 'none'})")
     (target, value), = given.items()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise PruneArgumentError(
@@ -100,15 +115,19 @@ def _check_args(pruning_ratio, target_params, target_flops, method, iterative_st
     if finetune is not None and not callable(finetune):
         raise PruneArgumentError(
             f"finetune must be a callable finetune(model, round) or None, got {type(finetune).__name__}")
+    tolerance = DEFAULT_TOLERANCE.get(target, 0.02) if tolerance is None else tolerance
     for name, number in (("max_layer_ratio", max_layer_ratio), ("tolerance", tolerance)):
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < 1:
             raise PruneArgumentError(f"{name}={number!r} must be in (0, 1)")
+    if form_cost is not None and form_cost not in COSTS:
+        raise PruneArgumentError(f"form_cost={form_cost!r}: choose one of {', '.join(COSTS)} (or None: "
+                                 "the budgeted cost)")
     clash = sorted(set(tp_kwargs) & set(_CONTROLLED_KWARGS))
     if clash:
         raise PruneArgumentError(
             f"{clash} are set by prune() itself; use its own arguments instead (target / "
             "pruning_ratio, method, ignored_layers, iterative_steps, max_layer_ratio, global_pruning)")
-    return target, float(value)
+    return target, float(value), float(tolerance), form_cost or FORM_COST_OF_TARGET[target]
 
 
 def _timm_integration(model: nn.Module):
@@ -218,6 +237,7 @@ def prune(
     pruning_ratio: Optional[float] = None,
     target_params: Optional[float] = None,
     target_flops: Optional[float] = None,
+    target_latency: Optional[float] = None,
     method: Union[str, tp.importance.Importance] = "eigendamage",
     iterative_steps: int = 1,
     finetune: Optional[Callable[[nn.Module, int], None]] = None,
@@ -230,7 +250,8 @@ def prune(
     fisher_type: FisherType = "true",
     loss_fn: Optional[Callable] = None,
     sample_fn: Optional[Callable] = None,
-    tolerance: float = 0.02,
+    tolerance: Optional[float] = None,
+    form_cost: Optional[str] = None,
     eigen_precision: Precision = "float64",
     progress: bool = True,
     max_factor_dim: int = MAX_FACTOR_DIM,
@@ -247,8 +268,12 @@ def prune(
         pruning_ratio: Torch-Pruning's meaning: the share of channels to REMOVE.
         target_params: the share of the ORIGINAL parameters to KEEP (KFE rotations counted),
             reached within ``tolerance`` (relative).
-        target_flops: the share of the ORIGINAL FLOPs to KEEP, likewise. Pass exactly one of
-            ``pruning_ratio``, ``target_params``, ``target_flops``.
+        target_flops: the share of the ORIGINAL FLOPs to KEEP, likewise.
+        target_latency: the share of the ORIGINAL model's measured latency to KEEP: seconds per
+            forward pass on ``example_inputs`` on the model's device, in eval mode, timed next to
+            the unpruned model (:func:`~tp_eigendamage.latency.measure_latency`). Every trial of
+            the search prunes a real copy and times it. Pass exactly one of ``pruning_ratio``,
+            ``target_params``, ``target_flops``, ``target_latency``.
         method: a name from :data:`tp_eigendamage.methods.METHODS` — "eigendamage" (KFE +
             EigenDamageImportance), "kron_obd", "kron_obs" (with OBS weight compensation),
             "fisher_diag", or Torch-Pruning's "magnitude", "taylor", "bn_scale", "random" —
@@ -264,7 +289,14 @@ def prune(
         global_pruning: rank all groups in one list (loss-unit criteria) or per layer.
         num_batches, batch_fn, forward_fn, fisher_type, loss_fn, sample_fn, progress,
             max_factor_dim: the statistics pass options of :func:`~tp_eigendamage.collect_kfac`.
-        tolerance: relative tolerance of the parameter / FLOP target.
+        tolerance: relative tolerance of the target; default 0.02 for parameters and FLOPs,
+            0.05 for latency (a measurement, noisier than a count).
+        form_cost: what each kept KFE block's storage form is chosen by after the last round
+            (:func:`~tp_eigendamage.to_cheapest_forms`): ``"params"``, ``"flops"`` or
+            ``"latency"``. Default: the budgeted cost — parameters for ``target_params``, FLOPs
+            for ``target_flops`` and for ``pruning_ratio``, latency for ``target_latency``. By
+            another cost, the budgeted cost jumps where a block changes form: a looser
+            ``tolerance`` may be needed.
         eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
             (:mod:`tp_eigendamage.eigen`).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
@@ -281,8 +313,10 @@ def prune(
         PruningError: Torch-Pruning cannot trace / prune the model (names the module).
         KFACError, KFEError, StaleStatisticsError: from the statistics pass and the KFE rewrite.
     """
-    target, value = _check_args(pruning_ratio, target_params, target_flops, method, iterative_steps,
-                                finetune, max_layer_ratio, tolerance, tp_kwargs)
+    target, value, tolerance, form_cost = _check_args(
+        dict(pruning_ratio=pruning_ratio, target_params=target_params, target_flops=target_flops,
+             target_latency=target_latency), method, iterative_steps, finetune, max_layer_ratio, tolerance,
+        form_cost, tp_kwargs)
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
     check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
@@ -298,7 +332,8 @@ def prune(
     config = PruneConfig(example_inputs=example_inputs, method=method, ignored=unique_modules(ignored + outputs),
                          outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
-                         timm_helper=_timm_integration(work), eigen_precision=eigen_precision)
+                         timm_helper=_timm_integration(work), eigen_precision=eigen_precision,
+                         form_cost=form_cost, unpruned=model)
     report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
     _move_into(model, work)
     return model, report
@@ -317,12 +352,24 @@ def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwa
     return sum(id(b) not in blocks_before for _, b in kfe_blocks(model))
 
 
+def _search(round_: Round, target: str, value: float, start: float, exponent: float, tolerance: float,
+            config: PruneConfig, before) -> Tuple[float, float, float]:
+    """``(channel ratio, fraction reached, exponent)`` of this round (:func:`search_ratio`)."""
+    if target == "target_latency":
+        achieved = round_.latency_at
+    else:
+        metric = "params" if target == "target_params" else "flops"
+        achieved = lambda x: round_.metric_at(x, metric) / getattr(before, metric)  # noqa: E731
+    return search_ratio(achieved, value, start=start, exponent=exponent, tolerance=tolerance,
+                        max_ratio=config.cap * 0.99)
+
+
 def _run(model, original, data, target, value, k, finetune, config: PruneConfig, stats_options,
          tolerance) -> PruneReport:
     """The rounds, on ``model`` (the working copy of ``original``)."""
     clock = _Stopwatch()
     before_layers, before = layer_stats(model, config.example_inputs)
-    current, exponent = before, 2.0
+    current, latency_now, exponent = before, 1.0, 2.0
     damages: Dict[str, float] = {}
     rounds, blocks_built = [], 0
     method = config.method
@@ -332,22 +379,21 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
         if method.kfe:
             blocks_built += _rewrite_in_kfe(model, stats, config, clock)
         with clock.stage("scoring"):
-            round_ = Round(model, stats, config)
+            round_ = Round(model, stats, config, final=r == k)
         with clock.stage("ratio_search"):
             searched = None
             if target == "pruning_ratio":
                 keep_prev, keep_now = 1 - value * (r - 1) / k, 1 - value * r / k
                 ratio = 1 - keep_now / keep_prev
             else:
-                metric = "params" if target == "target_params" else "flops"
-                ratio, searched, exponent = search_ratio(
-                    lambda x: round_.metric_at(x, metric) / getattr(before, metric), value ** (r / k),
-                    start=current.fraction_of(before, metric), exponent=exponent,
-                    tolerance=tolerance, max_ratio=config.cap * 0.99)
+                start = {"target_params": current.fraction_of(before, "params"), "target_latency": latency_now,
+                         "target_flops": current.fraction_of(before, "flops")}[target]
+                ratio, searched, exponent = _search(round_, target, value ** (r / k), start, exponent,
+                                                    tolerance, config, before)
         with clock.stage("pruning"):
             round_damage = round_.apply(ratio, stats)
         with clock.stage("fold"):
-            fold_kfe(model, only_unprofitable=True)
+            store_forms(model, config, config.example_inputs, final=r == k)
         for name, d in round_damage.items():
             damages[name] = damages.get(name, 0.0) + d
         adopt_modes_flags_hooks(model, original, hooks=False)
@@ -356,9 +402,15 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
                        "flops_fraction": current.fraction_of(before, "flops"),
                        "predicted_damage": sum(round_damage.values()), "search_trials": round_.trials,
                        "searched_fraction": searched})
+        if target == "target_latency" and r < k:
+            with clock.stage("latency"):
+                latency_now = rounds[-1]["latency_fraction"] = latency_fraction(model, config)
         if finetune is not None:
             finetune(model, r)
     after_layers, after = layer_stats(model, config.example_inputs)
+    with clock.stage("latency"):
+        latency = measure_latency([original, model], config.example_inputs)
     return build_report(method.name, before_layers, after_layers, before, after, damages, rounds,
                         kfe_blocks_built=blocks_built, timings=dict(clock.seconds),
-                        target={target: value}, loss_units=method.loss_units)
+                        target={target: value}, loss_units=method.loss_units, latency=latency,
+                        latency_clock=latency_clock(config.example_inputs, [model]))

@@ -1,7 +1,9 @@
 """Per-layer tables and before/after totals of a pruning run.
 
-A "layer" is a plain ``nn.Conv2d`` / ``nn.Linear`` or a whole KFE block (its rotation layers
-are charged to it). Parameters and FLOPs come from Torch-Pruning's counter.
+A "layer" is a plain ``nn.Conv2d`` / ``nn.Linear`` or a whole KFE block, in three layers or
+stored as two (:class:`~tp_eigendamage.forms.TwoLayerForm`); its layers are charged to it.
+Parameters and FLOPs come from Torch-Pruning's counter; latency is measured
+(:mod:`tp_eigendamage.latency`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn as nn
 
 from ._tp import count_ops_and_params
 from .budget import Cost
+from .forms import TwoLayerForm
 from .kfe_block import KFEBlock
 from .layers import adapter_for
 
@@ -35,31 +38,43 @@ class LayerStats:
     out_channels: int
     params: int
     flops: int
-    directions: Optional[tuple] = None
+    directions: Optional[tuple] = None   # (r_in, r_out) of a block; (width,) of a two-layer form
+    form: Optional[str] = None           # a block's form (tp_eigendamage.forms.FORMS); None: plain
 
     def shape_text(self) -> str:
         if self.directions is None:
             return f"{self.in_channels}→{self.out_channels}"
-        return f"{self.in_channels}→[{self.directions[0]}→{self.directions[1]}]→{self.out_channels}"
+        return f"{self.in_channels}→[{'→'.join(map(str, self.directions))}]→{self.out_channels}"
+
+
+def _block_layers(module: nn.Module) -> Optional[Tuple[List[nn.Module], tuple, str]]:
+    """``(layers, directions, form)`` of a KFE block in three or two layers, else ``None``."""
+    if isinstance(module, KFEBlock):
+        core = adapter_for(module.core)
+        return ([module.rotate_in, module.core, module.rotate_out],
+                (core.in_features(module.core), core.out_features(module.core)), "kfe")
+    if isinstance(module, TwoLayerForm):
+        return [module.first, module.second], (module.width,), module.form
+    return None
 
 
 def layer_stats(model: nn.Module, example_inputs) -> Tuple[Dict[str, LayerStats], Cost]:
-    """Every Conv2d/Linear outside KFE blocks, and every KFE block, by qualified name; and the
-    model's total :class:`Cost` (from the same count)."""
+    """Every Conv2d/Linear outside KFE blocks, and every KFE block (three or two layers), by
+    qualified name; and the model's total :class:`Cost` (from the same count)."""
     total_flops, total_params, flops, params = count_ops_and_params(model, example_inputs, layer_wise=True)
     cost = lambda mods, table: int(sum(table.get(m) or 0 for m in mods))  # noqa: E731
     rows: Dict[str, LayerStats] = {}
     inside_blocks = set()
     for name, module in model.named_modules():
-        if isinstance(module, KFEBlock):
-            parts = [module.rotate_in, module.core, module.rotate_out]
+        composite = _block_layers(module)
+        if composite is not None:
+            parts, directions, form = composite
+            first, last = adapter_for(parts[0]), adapter_for(parts[-1])
             inside_blocks.update(id(p) for p in parts)
-            a = adapter_for(module.core)
             rows[name] = LayerStats(
-                layer_kind=f"kfe-{a.layer_kind}", in_channels=adapter_for(module.rotate_in).in_features(module.rotate_in),
-                out_channels=adapter_for(module.rotate_out).out_features(module.rotate_out),
-                params=cost(parts, params), flops=cost(parts, flops),
-                directions=(a.in_features(module.core), a.out_features(module.core)))
+                layer_kind=f"{'kfe' if form == 'kfe' else 'kfe2'}-{last.layer_kind}",
+                in_channels=first.in_features(parts[0]), out_channels=last.out_features(parts[-1]),
+                params=cost(parts, params), flops=cost(parts, flops), directions=directions, form=form)
         elif id(module) not in inside_blocks and adapter_for(module) is not None:
             a = adapter_for(module)
             rows[name] = LayerStats(layer_kind=a.layer_kind, in_channels=a.in_features(module),
@@ -85,13 +100,18 @@ class PruneReport:
         before, after: the model's :class:`~tp_eigendamage.budget.Cost` before / after.
         rows: one :class:`LayerRow` per layer of the unpruned model.
         rounds: per round: channel ratio, params / FLOPs fractions reached, predicted damage,
-            search trials.
+            search trials, the fraction the search reached; for a latency target, the measured
+            latency fraction after every round but the last (the last is ``latency_fraction``).
         kfe_blocks_built: KFE blocks created during pruning.
         timings: wall seconds per stage (:data:`tp_eigendamage.prune.STAGES`).
         target: the budget asked for, e.g. ``{"target_params": 0.5}`` (share KEPT) or
             ``{"pruning_ratio": 0.3}`` (share of channels REMOVED, Torch-Pruning's meaning).
         loss_units: the method's scores are predicted loss increases (the second-order
             methods); otherwise ``predicted_damage`` holds the criterion's raw scores.
+        latency_before, latency_after: measured seconds per forward pass on the example inputs
+            (eval mode, the model's device) of the unpruned and the pruned model, timed side by
+            side at the end (:func:`~tp_eigendamage.latency.measure_latency`), with
+            ``latency_clock`` (``"cpu"`` or ``"wall"``, :func:`~tp_eigendamage.latency.latency_clock`).
     """
 
     method: str
@@ -103,11 +123,21 @@ class PruneReport:
     timings: Dict[str, float] = field(default_factory=dict)
     target: Dict[str, float] = field(default_factory=dict)
     loss_units: bool = True
+    latency_before: Optional[float] = None
+    latency_after: Optional[float] = None
+    latency_clock: Optional[str] = None
 
     @property
     def kfe_blocks_kept(self) -> int:
-        """KFE blocks still in the pruned model (their bottleneck pays)."""
-        return sum(1 for r in self.rows if r.after is not None and r.after.directions is not None)
+        """KFE blocks still in the pruned model, in three or two layers (their bottleneck pays)."""
+        return sum(self.kfe_block_forms.values())
+
+    @property
+    def kfe_block_forms(self) -> Dict[str, int]:
+        """How many kept blocks are in each multi-layer form (``kfe``: three layers;
+        ``in_merged`` / ``out_merged``: two, :mod:`tp_eigendamage.forms`)."""
+        forms = [r.after.form for r in self.rows if r.after is not None and r.after.form is not None]
+        return {f: forms.count(f) for f in ("kfe", "in_merged", "out_merged") if f in forms}
 
     @property
     def kfe_blocks_folded(self) -> int:
@@ -128,6 +158,13 @@ class PruneReport:
     def flops_fraction(self) -> float:
         return self.after.flops / self.before.flops
 
+    @property
+    def latency_fraction(self) -> Optional[float]:
+        """Measured latency after / before (``None`` if not measured)."""
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return self.latency_after / self.latency_before
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
@@ -139,8 +176,10 @@ class PruneReport:
             "params_fraction": self.params_fraction,
             "flops_fraction": self.flops_fraction,
             "rounds": self.rounds,
+            "latency": {"before_s": self.latency_before, "after_s": self.latency_after,
+                        "fraction": self.latency_fraction, "clock": self.latency_clock},
             "kfe_blocks": {"built": self.kfe_blocks_built, "kept": self.kfe_blocks_kept,
-                           "folded": self.kfe_blocks_folded},
+                           "folded": self.kfe_blocks_folded, "forms": self.kfe_block_forms},
             "timings": dict(self.timings),
             "layers": [
                 {"name": r.name, "before": asdict(r.before),
@@ -153,6 +192,7 @@ class PruneReport:
     def target_text(self) -> str:
         """The budget in words (which share is kept and which removed)."""
         words = {"target_params": "keep {:.0%} of the parameters", "target_flops": "keep {:.0%} of the FLOPs",
+                 "target_latency": "keep {:.0%} of the measured latency",
                  "pruning_ratio": "remove {:.0%} of the channels (Torch-Pruning's pruning_ratio)"}
         return "; ".join(words[k].format(v) for k, v in self.target.items() if k in words)
 
@@ -174,11 +214,19 @@ class PruneReport:
         out = [f"method: {self.method}" + (f"; target: {target}" if target else ""), table, rule,
                f"params {self.before.params:,} → {self.after.params:,} ({self.params_fraction:.1%}); "
                f"FLOPs {_si(self.before.flops)} → {_si(self.after.flops)} ({self.flops_fraction:.1%})"]
+        if self.latency_fraction is not None:
+            out.append(f"latency on example_inputs {1e3 * self.latency_before:.3g} ms → "
+                       f"{1e3 * self.latency_after:.3g} ms ({self.latency_fraction:.1%}; measured side by side, "
+                       f"{self.latency_clock} clock)")
         if self.kfe_blocks_built:
-            out.append(f"KFE blocks: {self.kfe_blocks_built} built, {self.kfe_blocks_kept} kept, "
-                       f"{self.kfe_blocks_folded} folded back")
-        out += ["shape: input→output channels; a KFE block is shown as in→[r_in→r_out]→out, its "
-                "eigen-directions between the two rotations."]
+            forms = self.kfe_block_forms
+            out.append(f"KFE blocks: {self.kfe_blocks_built} built, {self.kfe_blocks_kept} kept "
+                       f"({forms.get('kfe', 0)} as three layers, {forms.get('in_merged', 0)} with rotate_in "
+                       f"merged into the core, {forms.get('out_merged', 0)} with the core merged into "
+                       f"rotate_out), {self.kfe_blocks_folded} folded back into one layer")
+        out += ["shape: input→output channels; a KFE block (kfe-) is shown as in→[r_in→r_out]→out, its "
+                "eigen-directions between the two rotations; one stored as two layers (kfe2-) as "
+                "in→[r]→out."]
         if self.loss_units:
             out.append(f"pred. Δloss: predicted increase of the training loss (mean per-example loss "
                        f"on the statistics data) from what was removed in the layer; total "
@@ -199,10 +247,14 @@ def _si(x: float) -> str:
 def build_report(method: str, before_layers: Dict[str, LayerStats], after_layers: Dict[str, LayerStats],
                  before: Cost, after: Cost, damages: Dict[str, float], rounds: List[dict],
                  kfe_blocks_built: int = 0, timings: Optional[Dict[str, float]] = None,
-                 target: Optional[Dict[str, float]] = None, loss_units: bool = True) -> PruneReport:
-    """One row per layer of the unpruned model, with its state after pruning."""
+                 target: Optional[Dict[str, float]] = None, loss_units: bool = True,
+                 latency: Sequence[Optional[float]] = (None, None), latency_clock: Optional[str] = None
+                 ) -> PruneReport:
+    """One row per layer of the unpruned model, with its state after pruning; ``latency`` is
+    ``(seconds before, seconds after)`` measured with ``latency_clock``."""
     rows = [LayerRow(name, stats, after_layers.get(name), damages.get(name, 0.0))
             for name, stats in before_layers.items()]
     return PruneReport(method=method, before=before, after=after, rows=rows, rounds=rounds,
                        kfe_blocks_built=kfe_blocks_built, timings=dict(timings or {}),
-                       target=dict(target or {}), loss_units=loss_units)
+                       target=dict(target or {}), loss_units=loss_units, latency_before=latency[0],
+                       latency_after=latency[1], latency_clock=latency_clock)
