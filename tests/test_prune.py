@@ -169,14 +169,38 @@ def test_every_method_reaches_a_params_target_on_a_small_net(method):
     assert model(x).shape == (2, 10) and model.head.out_features == 10
 
 
-def test_shape_only_trials_cost_exactly_what_pruning_costs():
+@pytest.mark.parametrize("make,size", [(lambda: timm_model("resnet18", zero_init_last=False), 16),
+                                       (concat_net, 8)], ids=["resnet18", "concat"])
+def test_shape_only_trials_cost_exactly_what_pruning_costs(make, size):
+    """Twins (a copy of the round's pruner and of the groups it listed once, parameters counted
+    without a forward) cost what the real model costs after the same pruning, also where a
+    concatenation maps one group's indices through another's (DenseNet's pattern)."""
+    x = torch.randn(1, 3, size, size)
     for kind, count in (("target_params", n_params), ("target_flops", lambda m: n_flops(m, x))):
-        model = timm_model("resnet18", zero_init_last=False)
-        x = torch.randn(1, 3, 16, 16)
+        model = make()
         before = count(model)
-        _, report = ted.prune(model, batches(16), x, progress=False, **{kind: 0.55})
+        _, report = ted.prune(model, batches(size), x, progress=False, **{kind: 0.55})
         searched = report.rounds[0]["searched_fraction"]   # measured on the shape-only twin
         assert searched == count(model) / before           # ... is what the real model costs
+
+
+def test_tie_break_is_skipped_only_where_it_changes_no_float32_score():
+    """Scores far above the tie-break scale skip the magnitude term: the result is bit-for-bit
+    ``raw + 1e-20 · magnitude`` computed in full; tiny scores get the term."""
+    from tp_eigendamage._round import RoundImportance
+
+    model = SmallNet().eval()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+    for scale in (1.0, 1e-3, 1e-18):
+        criterion = RoundImportance(lambda group: scale * magnitude(group), cap=1.0, initial={})
+        criterion.attach(model)
+        for group in DG.get_all_groups(ignored_layers=[model.head]):
+            want = scale * magnitude(group) + RoundImportance.TIE_BREAK * magnitude(group)
+            got = criterion(group)
+            want[torch.topk(want, 1).indices] = float("inf")   # the one channel the cap keeps
+            assert torch.equal(got, want)
+            assert scale > 1e-12 or not torch.equal(got, scale * magnitude(group))
 
 
 class DirectEigenDamage(ted.EigenDamageImportance):
