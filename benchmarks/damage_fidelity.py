@@ -41,6 +41,13 @@ model after ``to_kfe``; channels: on the plain model):
   and correlation of kernel offsets), ``coverage`` — its diagonal only, ``patch`` — KFC's full
   ``A_patch ⊗ S`` (``½ Σ_kk' (qᵀ B_kk' q)(W_k q)ᵀ S (W_k' q)`` for direction ``q``).
 
+* ``--shrink LAYER ...`` (instead of the above): for the sampled directions of the named layers
+  of the first model, the removal is scaled by ``ε`` (``W_k ← W_k − ε W_k q qᵀ``) and the
+  measured loss change divided by the exact local model (measured first-order change plus the
+  exact Gauss-Newton term, central differences) and by the K-FAC prediction
+  ``ε·first + ε²·quadratic``, at ``ε = 1, 0.3, 0.1, 0.03``: ratios that approach 1 as ``ε → 0``
+  mean the damage model is right locally and the removal is too large a step for it.
+
 Printed per model: pooled Spearman ρ of predicted vs measured (stat / held-out), the number of
 layers whose median measured/predicted ratio lies in [0.5, 2], then per layer the median ratio
 and Spearman of the default criterion and of the paper's.
@@ -48,6 +55,7 @@ and Spearman of the default criterion and of the paper's.
     python benchmarks/damage_fidelity.py                      # all three models
     python benchmarks/damage_fidelity.py --quick              # resnet18-wd, 3 samples, 256 examples
     python benchmarks/damage_fidelity.py --models resnet18-nowd --samples 4 --exact
+    python benchmarks/damage_fidelity.py --models mobilenetv2-wd --shrink conv_stem blocks.0.0.conv_pw
 """
 from __future__ import annotations
 
@@ -266,6 +274,42 @@ def factor_variant_scores(factors, patch_factors, weight, q, lam) -> Dict[str, f
             "patch": 0.5 * (torch.einsum("klab,a,b->kl", blocks, q, q) * quad).sum().item() + first}
 
 
+def shrink_probe(key: str, layers: List[str], args) -> None:
+    """The ``--shrink`` table of the module docstring."""
+    train_set, test_set, stat, _, batches = digits(args.stat_examples)
+    model = trained_model(key, train_set, test_set)
+    meter = LossMeter(model, {"stat": stat})
+    torch.manual_seed(args.seed)
+    stats = ted.collect_kfac(model, batches, progress=False)
+    modules = dict(model.named_modules())
+    names = prunable_layers(model)
+    steps = (1.0, 0.3, 0.1, 0.03)
+    print(f"\n== {key}: measured / local model and measured / K-FAC prediction at ε = {steps} ==")
+    for n in layers:
+        f = stats[modules[n]]
+        lam_a, q_a, _, _ = f.eigen()
+        w3 = modules[n].weight.detach().double().reshape(*modules[n].weight.shape[:2], -1)
+        for j in sample((lam_a > 1e-6 * lam_a.max()).nonzero().squeeze(1), args.samples,
+                        args.seed + names.index(n)):
+            q = q_a[:, j].double()
+            delta = -torch.einsum("oik,i,j->ojk", w3, q, q)
+            wq = torch.einsum("oik,i->ok", w3, q)
+            first = (f.mean_grad[0].double() * delta).sum().item()
+            quad = 0.5 * lam_a[j].item() * torch.einsum("ok,op,pk->", wq, f.grad_factor.double(), wq).item()
+            cells = []
+            for eps in steps:
+                m = meter.measure({n: eps * delta}, exact=True)
+                cells.append(f"{m['stat'] / m['exact']:>7.3g} {m['stat'] / (eps * first + eps ** 2 * quad):>7.3g}")
+            print(f"   {n:<24} j={j:<4} first={first:>9.2e} quad={quad:>9.2e} | " + " | ".join(cells), flush=True)
+
+
+def prunable_layers(model: nn.Module) -> List[str]:
+    """Every Conv2d / Linear but the classifier and depthwise convs (the layers of the direction rows)."""
+    classifier = model.get_classifier()
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and m is not classifier and not is_depthwise(m)]
+
+
 # -- the run --------------------------------------------------------------------------------------
 def sample(candidates: torch.Tensor, k: int, seed: int) -> List[int]:
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
@@ -281,8 +325,7 @@ def run_model(key: str, args) -> Dict[str, list]:
     torch.manual_seed(args.seed)
     stats = ted.collect_kfac(model, batches, progress=False)
     modules = dict(model.named_modules())
-    names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
-             and n != classifier and not is_depthwise(m)]
+    names = prunable_layers(model)
     patch = ted.collect_kfac(model, batches, factor_mode="patch", progress=False) if args.factor_variants else None
     torch.manual_seed(args.seed)
     dir_scores = direction_scores(model, batches, example, names)
@@ -378,12 +421,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="resnet18-wd, 3 samples, 256 examples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save", metavar="FILE", help="also write every measured removal as JSON")
+    p.add_argument("--shrink", nargs="+", metavar="LAYER",
+                   help="only the ε-scaling probe for these layers of the first model")
     args = p.parse_args()
     if args.quick:
         args.models, args.samples, args.stat_examples = ["resnet18-wd"], 3, 256
     torch.set_num_threads(args.threads)
     print(f"damage fidelity: {args.samples} removals per layer, {args.stat_examples} statistics "
           f"examples, seed {args.seed}, torch {torch.__version__}")
+    if args.shrink:
+        return shrink_probe(args.models[0], args.shrink, args)
     results = {}
     for key in args.models:
         start = time.time()

@@ -9,9 +9,12 @@ statistics batches and the same parameter target (``target_params``, default 0.6
                     of the mean cross entropy over the same batches (its "statistics" stage),
                     then ``tp.importance.GroupTaylorImportance`` in the same ``BasePruner`` and
                     ratio search that lands on the target;
-* ``eigh-once``   — ``collect_kfac`` once, then ``KFACFactors.eigen()`` timed for the layers
-                    ``to_kfe`` rewrites (``tp_eigendamage.kfe.kfe_targets``): the cost of
-                    decomposing each factor exactly once, at the precision ``eigen()`` uses.
+* ``eigh-once``   — ``collect_kfac`` once, then the factors of the layers ``to_kfe`` rewrites
+                    (``tp_eigendamage.kfe.kfe_targets``) decomposed with the scheduling
+                    ``prune()`` uses (``KFACStats.eigendecompose``), at each precision of
+                    ``--precisions`` in turn on the same statistics: the cost of decomposing
+                    each factor exactly once. Also printed: the largest eigenvalue error of the
+                    float32 policy, relative to the factor's largest eigenvalue.
 
 Each measurement runs in a fresh process (``--repeats`` rounds interleave the jobs of a model;
 medians). Time is the wall time of the ``prune()`` call. Peak memory is what the call needs on
@@ -32,11 +35,12 @@ Prints a row per model and method as it goes, then two markdown tables: per meth
 seconds, extra peak MiB, params and FLOPs kept, stage seconds) and per model (eigendamage and
 taylor time over kron_obd, eigendamage's eigendecomposition against decomposing each factor
 once, and the speed targets: (eigendamage − eigendecomposition)/kron_obd ≤ 1.5,
-eigendecomposition/eigh-once ≤ 1.3, eigendamage/kron_obd ≤ 3).
+eigendecomposition/eigh-once ≤ 1.3 at the precision prune() used, eigendamage/kron_obd ≤ 3).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -44,6 +48,7 @@ import time
 import torch
 
 import tp_eigendamage as ted
+from tp_eigendamage.eigen import PRECISIONS
 from tp_eigendamage.kfe import kfe_targets
 from tp_eigendamage.prune import STAGES
 from _common import (PeakMemory, checked, create_model, error_text, example_input, markdown_table,
@@ -69,8 +74,8 @@ def prune_job(args, name: str, method: str) -> dict:
     with PeakMemory(args.device) as peak:
         synchronize(args.device)
         start = time.perf_counter()
-        model, report = ted.prune(model, batches, example, method=method,
-                                  target_params=args.target_params, progress=False)
+        model, report = ted.prune(model, batches, example, method=method, target_params=args.target_params,
+                                  eigen_precision=args.precision, progress=False)
         synchronize(args.device)
         seconds = time.perf_counter() - start
     return dict(seconds=seconds, peak_mib=peak.mib, params=report.params_fraction,
@@ -81,12 +86,21 @@ def eigh_once_job(args, name: str) -> dict:
     model, batches, _ = workload(args, name)
     stats = ted.collect_kfac(model, batches, progress=False)
     targets = kfe_targets(model, stats)
-    synchronize(args.device)
-    start = time.perf_counter()
-    for module in targets:
-        stats[module].eigen()
-    synchronize(args.device)
-    return dict(seconds=time.perf_counter() - start, layers=len(targets))
+    out = dict(layers=len(targets))
+    eigenvalues = {}
+    for precision in args.precisions:
+        fresh = copy.deepcopy(stats).for_model(model)   # nothing decomposed yet
+        synchronize(args.device)
+        start = time.perf_counter()
+        fresh.eigendecompose(targets, precision)
+        synchronize(args.device)
+        out[precision] = time.perf_counter() - start
+        eigenvalues[precision] = [t for m in targets for t in fresh[m].eigen()[0::2]]
+    if {"float32", "float64"} <= set(eigenvalues):
+        out["float32_eigenvalue_error"] = max(
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+            for a, b in zip(eigenvalues["float32"], eigenvalues["float64"]))
+    return out
 
 
 def child(args) -> None:
@@ -103,15 +117,20 @@ def child(args) -> None:
 def run_job(args, name: str, job: str, for_memory: bool) -> dict:
     argv = ["--child", name, job, "--size", str(args.size), "--batch", str(args.batch),
             "--stat-batches", str(args.stat_batches), "--target-params", str(args.target_params),
-            "--device", args.device, "--threads", str(args.threads)]
+            "--device", args.device, "--threads", str(args.threads), "--precision", args.precision,
+            "--precisions", *args.precisions]
     return run_child(__file__, argv, return_freed_memory=for_memory)
 
 
 def median_result(results: list) -> dict:
-    """Medians over repeats of the seconds (and stage seconds); other fields from the first."""
+    """Medians over repeats of the seconds (stage seconds, seconds per precision); other fields
+    from the first."""
     if any("error" in r for r in results):
         return next(r for r in results if "error" in r)
-    out = dict(results[0], seconds=statistics.median(r["seconds"] for r in results))
+    out = dict(results[0])
+    for key in ("seconds", *PRECISIONS):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in results)
     if "timings" in out:
         out["timings"] = {k: statistics.median(r["timings"][k] for r in results) for k in STAGES}
     return out
@@ -157,10 +176,11 @@ def method_table(results: dict) -> str:
     return markdown_table(head, rows)
 
 
-def ratio_table(results: dict) -> str:
+def ratio_table(results: dict, args) -> str:
     head = ["model", "eigendamage / kron_obd (≤ 3)", "taylor / kron_obd",
             "(eigendamage − eigendecomposition) / kron_obd (≤ 1.5)", "eigendecomposition s",
-            "eigh-once s (layers)", "eigendecomposition / eigh-once (≤ 1.3)",
+            "layers"] + [f"eigh-once {p} s" for p in args.precisions] + [
+            f"eigendecomposition / eigh-once {args.precision} (≤ 1.3)", "float32 eigenvalue error",
             "peak MiB eigendamage / kron_obd", "peak MiB taylor / kron_obd"]
     rows = []
     nan = float("nan")
@@ -169,11 +189,18 @@ def ratio_table(results: dict) -> str:
         t = lambda r: nan if "error" in r else r["seconds"]          # noqa: E731
         m = lambda r: nan if "error" in r else r["peak_mib"]         # noqa: E731
         eig = ed["timings"]["eigendecomposition"] if "timings" in ed else nan
+        once_s = lambda p: nan if "error" in once else once.get(p, nan)   # noqa: E731
         rows.append([name, checked(t(ed) / t(obd), 3.0), checked(t(taylor) / t(obd)),
-                     checked((t(ed) - eig) / t(obd), 1.5), checked(eig),
-                     once.get("error") or f"{once['seconds']:.2f} ({once['layers']})",
-                     checked(eig / t(once), 1.3), checked(m(ed) / m(obd)), checked(m(taylor) / m(obd))])
+                     checked((t(ed) - eig) / t(obd), 1.5), checked(eig), once.get("error") or once["layers"]]
+                    + [checked(once_s(p)) for p in args.precisions]
+                    + [checked(eig / once_s(args.precision), 1.3),
+                       _scientific(once.get("float32_eigenvalue_error", nan)),
+                       checked(m(ed) / m(obd)), checked(m(taylor) / m(obd))])
     return markdown_table(head, rows)
+
+
+def _scientific(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1e}"
 
 
 def main() -> None:
@@ -184,6 +211,10 @@ def main() -> None:
     p.add_argument("--stat-batches", type=int, default=2, help="statistics (and gradient) batches")
     p.add_argument("--target-params", type=float, default=0.6, help="share of parameters to keep")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="float64", choices=PRECISIONS,
+                   help="prune(eigen_precision=...) of the eigendamage runs")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
+                   help="precisions eigh-once decomposes the factors at")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds per model (median)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -201,12 +232,13 @@ def main() -> None:
         results[name] = measure_model(args, name)
         for job in JOBS:
             r = results[name][job]
-            text = r.get("error") or f"{r['seconds']:.1f} s"
+            text = r.get("error") or ", ".join(f"{r[k]:.1f} s" + ("" if k == "seconds" else f" ({k})")
+                                               for k in ("seconds", *PRECISIONS) if k in r)
             print(f"{name:<24}{job:<13}{text}", flush=True)
     print()
     print(method_table(results))
     print()
-    print(ratio_table(results))
+    print(ratio_table(results, args))
 
 
 if __name__ == "__main__":

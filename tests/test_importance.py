@@ -346,6 +346,85 @@ def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
                                rtol=1e-4, atol=1e-9)
 
 
+def rebuilt_outer_scores(block, channels_in, directions_in, channels_out, directions_out):
+    """Kron-OBD of a block's outer channels the direct way (docs/method.md §8), with its
+    survivors given by the test: ``w = R_out W* R_in`` and ``A``/``S`` rebuilt in full from the
+    basis rows of the outer channels left, and the first-order term of the outer mean gradient
+    ``Ḡ = D Ḡ* Bᵀ`` over the same rows. Returns (consumer scores of its inputs, producer
+    scores of its outputs)."""
+    B, D = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
+    R_in = block.rotate_in.weight.detach().double().flatten(1)
+    R_out = block.rotate_out.weight.detach().double().flatten(1)
+    assert torch.equal(R_in, B[:, directions_in].T) and torch.equal(R_out, D[:, directions_out])
+    core = block.core.weight.detach().double()
+    core = core.reshape(core.shape[0], core.shape[1], -1)
+    w = torch.einsum("or,rsk,si->oik", R_out, core, R_in)
+    A = B @ torch.diag(block.eigen_in.double()) @ B.T
+    S = D @ torch.diag(block.eigen_out.double()) @ D.T
+    G = torch.einsum("or,rsk,is->oik", D, block.mean_grad.double(), B)
+    consumer = 0.5 * A.diagonal() * torch.einsum("ojk,op,pjk->j", w, S, w) - (G * w).sum((0, 2))
+    producer = 0.5 * S.diagonal() * torch.einsum("ijk,jl,ilk->i", w, A, w) - (G * w).sum((1, 2))
+    return consumer, producer
+
+
+class Chain(nn.Module):
+    """a → b → c, each read only by the next: b's inputs and outputs each have one reader /
+    writer among the layers, so a group's consumer / producer score is b's alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def chain_scores(model, stats, reads, writes):
+    """(consumer score of the group ``reads`` reads, producer score of the group ``writes`` writes)."""
+    DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
+    return (EigenDamageImportance(stats, side="consumer")(group_with(DG, groups, reads, "in")).double(),
+            EigenDamageImportance(stats, side="producer")(group_with(DG, groups, writes, "out")).double())
+
+
+def test_outer_channel_scores_of_rewritten_blocks_match_the_full_rebuild():
+    """Blocks from to_kfe score their outer channels from the eigenbasis without forming the
+    block's weight and factors (fast while untouched; general after outer channels go or a
+    re-rotation): the same numbers as forming ``w = R_out W* R_in``, ``A`` and ``S`` in full,
+    and, while untouched, as Kron-OBD of the layer the block replaced."""
+    from tp_eigendamage import to_kfe
+
+    torch.manual_seed(0)
+    model = Chain().eval()
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))) for _ in range(2)]
+    stats = collect_kfac(model, batches, fisher_type="empirical", progress=False)
+    plain = chain_scores(model, stats, model.b, model.b)
+    to_kfe(model, stats)
+    block, every = model.b, list(range(8))
+
+    def check(channels_in, directions_in, channels_out, directions_out):
+        got = chain_scores(model, stats, block.rotate_in, block.rotate_out)
+        want = rebuilt_outer_scores(block, channels_in, directions_in, channels_out, directions_out)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9 * float(w.abs().max()))
+        return got
+
+    for got, want in zip(check(every, every, every, every), plain):           # untouched
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9 * float(want.abs().max()))
+    kept = lambda removed: [i for i in every if i not in removed]   # noqa: E731
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
+    DG.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()    # directions
+    DG.get_pruning_group(block.core, tp.prune_conv_out_channels, [3]).prune()
+    check(every, kept([0, 5]), every, kept([3]))
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
+    DG.get_pruning_group(model.a.rotate_out, tp.prune_conv_out_channels, [2, 6]).prune()  # its inputs
+    DG.get_pruning_group(block.rotate_out, tp.prune_conv_out_channels, [1]).prune()       # its outputs
+    check(kept([2, 6]), kept([0, 5]), kept([1]), kept([3]))
+    to_kfe(model, collect_kfac(model, batches, fisher_type="empirical", progress=False))  # re-rotated
+    check(list(range(6)), list(range(6)), list(range(7)), list(range(7)))
+
+
 def test_eigendamage_predicts_measured_loss_of_removing_directions():
     """Spearman ≥ 0.8 between the predicted damage_in/damage_out of each of the 48
     eigen-directions of a KFE block and the measured loss increase when its core column/row is

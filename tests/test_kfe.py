@@ -216,6 +216,41 @@ def test_surviving_outer_channels_and_directions_after_pruning_both_sides():
             b.eigen_in.numel(), b.eigen_out.numel(), b.basis_in.shape[0], b.basis_out.shape[0])]
 
 
+def test_survivors_are_known_without_matching_until_torch_pruning_changes_a_rotation(monkeypatch):
+    """Right after to_kfe, a re-rotation or keep_surviving_buffers every rotation entry is where
+    the buffers say: surviving() answers without matching (counted), and its answer is what
+    matching the rotations against the bases finds. Pruning replaces a rotation: matched again."""
+    from tp_eigendamage import kfe_block
+    from tp_eigendamage._basis_matching import exact_indices
+
+    calls = []
+    monkeypatch.setattr(kfe_block, "exact_indices", lambda *a: calls.append(1) or exact_indices(*a))
+
+    def matched(block):
+        ins = exact_indices(block.rotation_in_matrix().detach().T, block.basis_in)
+        outs = exact_indices(block.rotation_out_matrix().detach(), block.basis_out)
+        return [t.tolist() for t in (ins[1], outs[1], ins[0], outs[0])]
+
+    model, x = small_net()
+    to_kfe(model, stats_of(model, x))
+    for _, block in kfe_blocks(model):
+        assert [t.tolist() for t in block.surviving()] == matched(block)
+    assert calls == []
+    block = model.conv2
+    prune_directions(model, x, block, in_idxs=[1], out_idxs=[4])
+    prune_outer(model, x, model.conv1.rotate_out, [3])
+    assert [t.tolist() for t in block.surviving()] == matched(block) == [
+        kept(8, [1]), kept(12, [4]), kept(8, [3]), list(range(12))]
+    assert len(calls) == 2                    # input and output rotation, once (then cached)
+    block.keep_surviving_buffers()
+    calls.clear()
+    assert [t.tolist() for t in block.surviving()] == matched(block)
+    to_kfe(model, stats_of(model, x))
+    for _, b in kfe_blocks(model):
+        assert [t.tolist() for t in b.surviving()] == matched(b)
+    assert calls == []
+
+
 def test_surviving_on_bases_with_repeated_entries():
     """A basis with a block of repeated values (0 and 1, as eigh gives for dead channels): the
     dense part is identified exactly; in the 0/1 part the remaining weights fit several choices

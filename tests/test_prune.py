@@ -170,14 +170,96 @@ def test_every_method_reaches_a_params_target_on_a_small_net(method):
     assert model(x).shape == (2, 10) and model.head.out_features == 10
 
 
-def test_shape_only_trials_cost_exactly_what_pruning_costs():
+@pytest.mark.parametrize("make,size", [(lambda: timm_model("resnet18", zero_init_last=False), 16),
+                                       (concat_net, 8)], ids=["resnet18", "concat"])
+def test_shape_only_trials_cost_exactly_what_pruning_costs(make, size):
+    """Twins (a copy of the round's pruner and of the groups it listed once, parameters counted
+    without a forward) cost what the real model costs after the same pruning, also where a
+    concatenation maps one group's indices through another's (DenseNet's pattern)."""
+    x = torch.randn(1, 3, size, size)
     for kind, count in (("target_params", n_params), ("target_flops", lambda m: n_flops(m, x))):
-        model = timm_model("resnet18", zero_init_last=False)
-        x = torch.randn(1, 3, 16, 16)
+        model = make()
         before = count(model)
-        _, report = ted.prune(model, batches(16), x, progress=False, **{kind: 0.55})
+        _, report = ted.prune(model, batches(size), x, progress=False, **{kind: 0.55})
         searched = report.rounds[0]["searched_fraction"]   # measured on the shape-only twin
         assert searched == count(model) / before           # ... is what the real model costs
+
+
+def test_tie_break_is_skipped_only_where_it_changes_no_float32_score():
+    """Scores far above the tie-break scale skip the magnitude term: the result is bit-for-bit
+    ``raw + 1e-20 · magnitude`` computed in full; tiny scores get the term."""
+    from tp_eigendamage._round import RoundImportance
+
+    model = SmallNet().eval()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+    for scale in (1.0, 1e-3, 1e-18):
+        criterion = RoundImportance(lambda group: scale * magnitude(group), cap=1.0, initial={})
+        criterion.attach(model)
+        for group in DG.get_all_groups(ignored_layers=[model.head]):
+            want = scale * magnitude(group) + RoundImportance.TIE_BREAK * magnitude(group)
+            got = criterion(group)
+            want[torch.topk(want, 1).indices] = float("inf")   # the one channel the cap keeps
+            assert torch.equal(got, want)
+            assert scale > 1e-12 or not torch.equal(got, scale * magnitude(group))
+
+
+class DirectEigenDamage(ted.EigenDamageImportance):
+    """EigenDamage as computed before the speed-ups, kept as the reference: a block's
+    survivors found by matching its rotations against its bases every time, its outer-channel
+    Kron-OBD from ``w = R_out W* R_in``, ``A``/``S`` and the outer mean gradient
+    ``Ḡ = D Ḡ* Bᵀ`` formed in full from the basis rows."""
+
+    def _prepare(self, model, graph):
+        super()._prepare(model, graph)
+        self.blocks = {getattr(b, role): (b, role) for b in model.modules() if isinstance(b, ted.KFEBlock)
+                       for role in ("rotate_in", "rotate_out")}
+
+    def _member_damage(self, module, reads, writes, side, stats):
+        from tp_eigendamage import damage
+        from tp_eigendamage._basis_matching import exact_indices
+
+        block, role = self.blocks.get(module, (None, None))
+        if role is None or not ((role == "rotate_in" and reads and side == "consumer")
+                                or (role == "rotate_out" and writes and side == "producer")):
+            return super()._member_damage(module, reads, writes, side, stats)
+        R_in, R_out = block.rotation_in_matrix().detach(), block.rotation_out_matrix().detach()
+        channels_in, _ = exact_indices(R_in.T, block.basis_in)
+        channels_out, _ = exact_indices(R_out, block.basis_out)
+        core = block.core.weight.detach().double().flatten(2)
+        w = torch.einsum("or,rsk,si->oik", R_out.double(), core, R_in.double())[None]
+        B, D = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
+        A = (B * block.eigen_in.double()) @ B.T
+        S = (D * block.eigen_out.double()) @ D.T
+        G = torch.einsum("or,rsk,is->oik", D, block.mean_grad.double(), B)[None]
+        return (damage.kron_in_damage if role == "rotate_in" else damage.kron_out_damage)(w, A[None], S[None], G)
+
+
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_fast_paths_prune_like_the_direct_computation(monkeypatch, side):
+    """prune() with the speed-ups (survivors known without matching, outer-channel curvature in
+    the eigenbasis, twins sharing one trace) gives the pruning of the direct computation, over
+    two rounds (fresh blocks, then re-rotated ones): same shapes, damages to round-off."""
+    from tp_eigendamage.methods import METHODS, Method, get_method
+
+    eigendamage = get_method("eigendamage")
+    for name, cls in (("fast", ted.EigenDamageImportance), ("direct", DirectEigenDamage)):
+        monkeypatch.setitem(METHODS, name, Method(name, name, eigendamage.statistics,
+                                                  lambda stats, cls=cls: cls(stats, side=side),
+                                                  kfe=True, loss_units=True))
+    results = {}
+    for name in ("fast", "direct"):
+        torch.manual_seed(0)
+        model = SmallNet().eval()
+        _, report = ted.prune(model, batches(8), torch.randn(2, 3, 8, 8), method=name, target_params=0.3,
+                              iterative_steps=2, ignored_layers=[model.head], tolerance=0.05, progress=False)
+        results[name] = ({k: v.shape for k, v in model.state_dict().items()}, report)
+    (fast_shapes, fast), (direct_shapes, direct) = results["fast"], results["direct"]
+    assert fast_shapes == direct_shapes
+    assert [r["channel_ratio"] for r in fast.rounds] == [r["channel_ratio"] for r in direct.rounds]
+    assert [r.name for r in fast.rows] == [r.name for r in direct.rows]
+    for a, b in zip(fast.rows, direct.rows):
+        assert a.after == b.after and a.predicted_damage == pytest.approx(b.predicted_damage, rel=1e-5, abs=1e-12)
 
 
 class DataDependent(nn.Module):

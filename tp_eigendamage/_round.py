@@ -2,11 +2,13 @@
 amounts measured on shape-only twins; the chosen amount removed from the model.
 
 A twin is a deep copy of the model whose parameters and buffers live on the ``meta`` device
-(shapes only, no arithmetic). It runs the same Torch-Pruning code on the same shapes with the
-cached scores and stores its KFE blocks in the same forms (:func:`store_forms`), so it costs
-exactly what the model costs after the same pruning. Models whose forward cannot run on the
-``meta`` device get twins with real (copied) tensors instead, and so does every trial that
-needs a clock: a latency target, or forms chosen by latency.
+(shapes only, no arithmetic), made together with a copy of the round's pruner, dependency graph
+included (traced once per round, on the model). It runs the same Torch-Pruning code on the same
+shapes with the cached scores and stores its KFE blocks in the same forms (:func:`store_forms`),
+so it costs exactly what the model costs after the same pruning: its parameters are counted
+directly, its FLOPs by a forward. Models whose pruning or forward cannot run on the ``meta``
+device get twins with real (copied) tensors instead, and so does every trial that needs a
+clock: a latency target, or forms chosen by latency.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch_pruning as tp
 
 from . import _tp
 from .batches import to_device
-from .budget import Cost, measure_cost
+from .budget import Cost, count_params, measure_cost
 from .damage import obs_compensation
 from .errors import TargetUnreachableError
 from .forms import FORMS, FormLatencies
@@ -130,8 +132,10 @@ class RoundImportance(tp.importance.Importance):
       inherit the original layer's count: ``rotate_in`` and the core's input side count as
       the layer's input, ``rotate_out`` and the core's output side as its output.
     * Ties: exact ties (e.g. channels feeding a zero-initialised BatchNorm, whose damage is
-      exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude, far
-      below any damage float32 can tell apart from another.
+      exactly 0) are broken by ``1e-20 ×`` the channel's relative L2 weight magnitude (at most
+      1), far below any damage float32 can tell apart from another: it changes only scores
+      below ``1e-20 · 2²⁵`` in magnitude (under half a float32 ulp above that), so groups
+      without such scores skip computing it.
     * Damage per cost (``layer_costs`` given: ``module → its FLOPs or parameters``): the
       tie-broken damage of each channel is divided by what its removal saves
       (:func:`channel_costs`; at least :data:`ZERO_COST` × the model's total), the greedy
@@ -223,7 +227,7 @@ class RoundImportance(tp.importance.Importance):
             raw = torch.nan_to_num(raw, nan=0.0)
         self.raw[key] = raw
         scores = raw.clone()
-        magnitude = self.magnitude(group)
+        magnitude = self.magnitude(group) if raw.abs().min() <= self.TIE_BREAK * 2 ** 25 else None
         if magnitude is not None:
             scores += self.TIE_BREAK * torch.nan_to_num(magnitude.float().cpu())
         if self.layer_costs:
@@ -266,15 +270,18 @@ def checked_cost(model: nn.Module, example_inputs) -> Cost:
         return measure_cost(model, example_inputs)
 
 
-def _twin(model: nn.Module, extra, meta: bool):
-    """Deep copy of ``(model, extra)``; ``meta=True`` puts parameters and buffers on the meta
-    device (shapes only: no storage is copied and no arithmetic is done)."""
+def _twin(model: nn.Module, pruner, importance: "RoundImportance", meta: bool):
+    """``(twin, its pruner)``: deep copies of ``model`` and of its ``pruner``, which scores with
+    ``importance``; ``meta=True`` puts parameters and buffers on the meta device (shapes only:
+    no storage is copied and no arithmetic is done)."""
     memo: dict = {}
     if meta:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = (nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
                            if isinstance(t, nn.Parameter) else t.detach().to("meta"))
-    return copy.deepcopy((model, extra), memo)
+    twin, twin_pruner = _tp.copy_with_pruner(model, pruner, importance, memo)
+    importance.attach(twin)
+    return twin, twin_pruner
 
 
 def _compensate(groups, stats) -> None:
@@ -314,6 +321,7 @@ class Round:
         with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)
+            _tp.list_groups_once(self.pruner)   # the model keeps its shapes until apply()
         list(_tp.groups_at(self.pruner, 0.0))   # scores every group (ratio 0 removes nothing)
         if self.importance.nan_groups:
             listed = ", ".join(repr(n) for n in self.importance.nan_groups[:5])
@@ -326,15 +334,19 @@ class Round:
         self.meta = not config.needs_clock
         self.trials = 0
 
-    def cost_at(self, ratio: float) -> Cost:
-        """What the model would cost after this round's pruning at channel ``ratio``."""
+    def metric_at(self, ratio: float, metric: str) -> int:
+        """The model's ``"params"`` or ``"flops"`` after this round's pruning at channel ``ratio``."""
         self.trials += 1
         if self.meta:
             try:
-                return checked_cost(*self._pruned_twin(ratio, meta=True))
-            except Exception:   # a forward that needs real values: measure on real copies
+                return self._twin_metric(ratio, metric, meta=True)
+            except Exception:   # pruning or a forward that needs real values: real copies
                 self.meta = False
-        return checked_cost(*self._pruned_twin(ratio, meta=False))
+        return self._twin_metric(ratio, metric, meta=False)
+
+    def _twin_metric(self, ratio: float, metric: str, meta: bool) -> int:
+        twin, inputs = self._pruned_twin(ratio, meta)
+        return count_params(twin) if metric == "params" else checked_cost(twin, inputs).flops
 
     def latency_at(self, ratio: float) -> float:
         """The model's latency after this round's pruning at channel ``ratio``, as a fraction
@@ -345,11 +357,9 @@ class Round:
 
     def _pruned_twin(self, ratio: float, meta: bool):
         """``(twin, its inputs)``: a twin pruned at ``ratio``, its blocks in their forms."""
-        twin, (ignored, tp_kwargs) = _twin(self.model, (self.config.ignored, self.config.tp_kwargs), meta)
         inputs = to_device(self.config.example_inputs, "meta") if meta else self.config.example_inputs
         importance = self.importance.for_twin()
-        with _tp.pruning_errors("tracing the model with Torch-Pruning", twin, inputs):
-            pruner = _pruner(twin, inputs, importance, ignored, tp_kwargs, self.config, ratio)
+        twin, pruner = _twin(self.model, self.pruner, importance, meta)
         _remove(twin, pruner, ratio, self.config, importance.names)
         store_forms(twin, self.config, inputs, self.final)
         return twin, inputs

@@ -4,8 +4,10 @@ entry points goes through here, so an upgrade is checked in one place.
 Tested with torch-pruning 1.6.1 (the newest release). Public names are used where Torch-Pruning
 has them (``dep.layer``, ``dep.pruning_fn``, ``GroupItem.root_idxs``); the two internals left
 are a group's dependency graph (``group._DG``, which Torch-Pruning's own groups use to prune),
-the pruner's per-step ratio schedule, set to prune at one chosen ratio, and the traced graph's
-nodes (``DG.module2node``, ``node.inputs`` / ``node.outputs``) for finding the model's outputs.
+the pruner's per-step ratio schedule, set to prune at one chosen ratio, the traced graph's
+nodes (``DG.module2node``, ``node.inputs`` / ``node.outputs``) for finding the model's outputs,
+what a dependency graph shares instead of copying (:func:`copy_with_pruner`), and its list
+of groups (:func:`list_groups_once`).
 
 Tracing leaks nothing: Torch-Pruning's tracer puts the model in eval mode and follows
 ``grad_fn`` links, so it runs here with every mode flag restored afterwards and every parameter
@@ -14,6 +16,7 @@ temporarily trainable (a frozen layer's output would have no ``grad_fn`` and be 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import warnings
@@ -27,9 +30,9 @@ from ._model_state import preserved_model_state
 from .batches import default_forward_fn
 from .errors import PruningError, TPEigenDamageError
 
-__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_root", "members", "module_neighbours",
-           "traceable", "trace_graph", "make_pruner", "groups_at", "count_ops_and_params", "layer_costs",
-           "member_channels",
+__all__ = ["Group", "Member", "TracedGraph", "group_model", "group_graph", "group_root", "members", "module_neighbours",
+           "traceable", "trace_graph", "make_pruner", "list_groups_once", "copy_with_pruner", "groups_at",
+           "count_ops_and_params", "layer_costs", "member_channels",
            "pruning_errors", "failing_module", "IGNORE_HINT"]
 
 Group = tp.dependency.Group
@@ -50,6 +53,11 @@ class Member(NamedTuple):
 def group_model(group: Group) -> nn.Module:
     """The model a group belongs to."""
     return group._DG.model
+
+
+def group_graph(group: Group) -> Any:
+    """The dependency graph a group belongs to: one per trace of the model."""
+    return group._DG
 
 
 def group_root(group: Group) -> Tuple[Any, Callable, List[int]]:
@@ -152,6 +160,64 @@ def make_pruner(model: nn.Module, example_inputs, importance, *, ratio: float, g
                                     global_pruning=global_pruning, ignored_layers=ignored_layers, **kwargs)
 
 
+class _ListedGroups:
+    """A dependency graph's ``get_all_groups`` answering from a list made once (see
+    :func:`list_groups_once`); other arguments than the listed ones go to Torch-Pruning."""
+
+    def __init__(self, graph, groups: list, ignored_layers: list, root_module_types):
+        self.graph, self.groups = graph, groups
+        self.ignored_layers, self.root_module_types = list(ignored_layers), tuple(root_module_types)
+
+    def __call__(self, ignored_layers=(), root_module_types=(nn.Conv2d, nn.Linear)):
+        if list(ignored_layers) == self.ignored_layers and tuple(root_module_types) == self.root_module_types:
+            return iter(self.groups)
+        return type(self.graph).get_all_groups(self.graph, ignored_layers, root_module_types)
+
+
+def list_groups_once(pruner: tp.pruner.BasePruner) -> None:
+    """List the groups of ``pruner``'s model once, for every later step while the model keeps
+    its shapes (the caller's promise: after the first pruning step it uses another pruner).
+
+    Torch-Pruning lists every group again at the start of each step, and listing one group
+    re-derives the index mapping of every concatenation in the graph, so on densely connected
+    networks (DenseNet) listing dominates a step; the list is the same until channels are
+    removed. :func:`copy_with_pruner` copies it with the graph.
+    """
+    graph = pruner.DG
+    args = dict(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
+    graph.get_all_groups = _ListedGroups(graph, list(graph.get_all_groups(**args)), **args)
+
+
+def copy_with_pruner(model: nn.Module, pruner: tp.pruner.BasePruner, importance,
+                     memo: dict) -> Tuple[nn.Module, tp.pruner.BasePruner]:
+    """Deep copies of ``model`` and of ``pruner`` (made on it) that prune the copy, without
+    tracing it again: the dependency graph (and the groups :func:`list_groups_once` listed) is
+    copied with the model.
+
+    ``importance`` is the copy's criterion; ``memo`` is ``copy.deepcopy``'s (e.g. parameters
+    already mapped to their copies). Shared with the original, not copied: the autograd nodes
+    the trace recorded, Torch-Pruning's per-layer pruners (so a copy's pruning functions are the
+    original's, e.g. as keys of cached scores), its ``ops`` module and the channel index lists
+    of listed groups (read, never written). The graph's nodes are copied one at a time (their
+    edges resolve through ``memo``): a recursive deep copy along the edges of a deep network
+    would exceed Python's recursion limit.
+    """
+    DG = pruner.DG
+    nodes = list(DG.module2node.values())
+    listed = DG.__dict__.get("get_all_groups")
+    indices = [] if listed is None else [i for g in listed.groups for item in g for i in (item.idxs, item.root_idxs)]
+    shared = [DG.ops, *DG.REGISTERED_PRUNERS.values(), *DG.CUSTOMIZED_PRUNERS.values(),
+              *(n.grad_fn for n in nodes), *indices]
+    memo.update({id(obj): obj for obj in shared})
+    memo[id(pruner.importance)] = importance
+    model_copy = copy.deepcopy(model, memo)
+    copies = {id(n): object.__new__(type(n)) for n in nodes}
+    memo.update(copies)
+    for n in nodes:
+        copies[id(n)].__dict__.update(copy.deepcopy(n.__dict__, memo))
+    return model_copy, copy.deepcopy(pruner, memo)
+
+
 def groups_at(pruner: tp.pruner.BasePruner, ratio: float) -> Iterator[Group]:
     """The groups ``pruner`` removes at channel ratio ``ratio``, created one at a time (a
     generator: prune each before asking for the next, as Torch-Pruning's own ``step()`` does —
@@ -190,7 +256,7 @@ def layer_costs(model: nn.Module, example_inputs, metric: str) -> Dict[nn.Module
 def member_channels(group: Group, member: Member) -> Optional[int]:
     """How many channels ``member``'s layer has on the side the group prunes (outputs or
     inputs), by Torch-Pruning's own pruner for the layer; None for a layer it has none for."""
-    pruner = group._DG.get_pruner_of_module(member.layer)
+    pruner = group_graph(group).get_pruner_of_module(member.layer)
     if pruner is None:
         return None
     return pruner.get_out_channels(member.layer) if member.is_out_channel else pruner.get_in_channels(member.layer)

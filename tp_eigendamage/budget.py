@@ -14,7 +14,7 @@ import torch.nn as nn
 from ._tp import count_ops_and_params
 from .errors import TargetUnreachableError
 
-__all__ = ["Cost", "measure_cost", "search_ratio"]
+__all__ = ["Cost", "measure_cost", "count_params", "search_ratio"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,11 @@ def measure_cost(model: nn.Module, example_inputs) -> Cost:
     """Parameters and FLOPs (multiply-accumulates as Torch-Pruning counts them)."""
     flops, params = count_ops_and_params(model, example_inputs)
     return Cost(params=int(params), flops=int(flops))
+
+
+def count_params(model: nn.Module) -> int:
+    """The parameters :func:`measure_cost` counts (every parameter's size), without a forward."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def search_ratio(achieved: Callable[[float], float], target: float, *, start: float,

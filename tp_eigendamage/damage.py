@@ -41,6 +41,11 @@ def _f64(*tensors):
     return tuple(t.detach().double() for t in tensors)
 
 
+def _diagonal(M: torch.Tensor) -> torch.Tensor:
+    """The diagonal of per-group factors ``(G, d, d)``; factors given as diagonals ``(G, d)`` as they are."""
+    return M if M.dim() == 2 else torch.diagonal(M, dim1=-2, dim2=-1)
+
+
 def first_order_in(w: torch.Tensor, mean_grad: Optional[torch.Tensor]) -> torch.Tensor:
     """First-order term of removing input channel j: ``−Σ_{o,k} Ḡ_{ojk} w_{ojk}``, ``(G·d_in,)``;
     zeros if ``mean_grad`` is ``None``."""
@@ -61,19 +66,27 @@ def first_order_out(w: torch.Tensor, mean_grad: Optional[torch.Tensor]) -> torch
 def kron_in_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
                    mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kron-OBD, input channel j: ``−Σ_{o,k} Ḡ_{ojk} w_{ojk} + ½ Σ_k A_jj · w_{:,j,k}ᵀ S w_{:,j,k}``,
-    shape ``(G·d_in,)``."""
+    shape ``(G·d_in,)``.
+
+    ``A`` and ``S`` are ``(G, d, d)`` factors, or ``(G, d)`` diagonals of diagonal ones (e.g.
+    ``S`` in its eigenbasis, with ``w`` and ``mean_grad`` in the same output coordinates)."""
     w, A, S = _f64(w, A, S)
-    quad = torch.einsum("gojk,gop,gpjk->gj", w, S, w)
-    return (0.5 * torch.diagonal(A, dim1=-2, dim2=-1) * quad).reshape(-1) + first_order_in(w, mean_grad)
+    quad = (torch.einsum("gojk,go->gj", w.square(), S) if S.dim() == 2 else
+            torch.einsum("gojk,gop,gpjk->gj", w, S, w))
+    return (0.5 * _diagonal(A) * quad).reshape(-1) + first_order_in(w, mean_grad)
 
 
 def kron_out_damage(w: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
                     mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kron-OBD, output channel i: ``−Σ_{j,k} Ḡ_{ijk} w_{ijk} + ½ S_ii · Σ_k w_{i,:,k}ᵀ A w_{i,:,k}``,
-    shape ``(G·d_out,)``."""
+    shape ``(G·d_out,)``.
+
+    ``A`` and ``S`` are ``(G, d, d)`` factors, or ``(G, d)`` diagonals of diagonal ones (e.g.
+    ``A`` in its eigenbasis, with ``w`` and ``mean_grad`` in the same input coordinates)."""
     w, A, S = _f64(w, A, S)
-    quad = torch.einsum("gijk,gjl,gilk->gi", w, A, w)
-    return (0.5 * torch.diagonal(S, dim1=-2, dim2=-1) * quad).reshape(-1) + first_order_out(w, mean_grad)
+    quad = (torch.einsum("gijk,gj->gi", w.square(), A) if A.dim() == 2 else
+            torch.einsum("gijk,gjl,gilk->gi", w, A, w))
+    return (0.5 * _diagonal(S) * quad).reshape(-1) + first_order_out(w, mean_grad)
 
 
 def diag_in_damage(w: torch.Tensor, fisher: torch.Tensor, mean_grad: Optional[torch.Tensor] = None) -> torch.Tensor:

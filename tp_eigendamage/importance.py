@@ -10,12 +10,12 @@ element-wise members contribute nothing). Which members carry the damage (``side
 * ``"consumer"``: layers that READ the channel, input-side damage (removing a channel changes
   the network only through its consumers, docs/method.md §9).
 
-The default is what predicted the measured loss increase of removing a channel better in
-``benchmarks/damage_prediction.py`` (Spearman over all channels of a small residual CNN on
-digits: producer 0.79–0.86, consumer 0.13–0.55). Channel-mode K-FAC treats kernel offsets and
-output locations as independent, which there underestimated the curvature of a conv ~50× but
-of the Linear classifier only ~2×; consumer sums mix both kinds (channels read by the
-classifier look too expensive next to channels read by convs), producer sums are all convs.
+With the first-order term, ``benchmarks/damage_fidelity.py`` measured the consumer side to rank
+single channel removals better (pooled Spearman 0.972 vs 0.547 on a trained resnet18, 0.920 vs
+0.846 on a trained mobilenetv2; docs/fidelity.md §6). The default stays ``"producer"`` for now:
+consumer sums need the statistics of every reader, the classifier included, so statistics
+collected once go stale after the first step of an iterative ``BasePruner`` (pass a callable, or
+``side="consumer"`` with fresh statistics per step).
 
 A depthwise conv reads and writes the same channel: it is a producer, not a consumer (the channel
 leaves the group only through the layers that read it without writing it, e.g. the pointwise
@@ -144,8 +144,9 @@ class _ChannelImportance(tp.importance.Importance):
         return mean_grad
 
     # -- hooks for subclasses ----------------------------------------------------------------
-    def _prepare(self, model: nn.Module) -> None:
-        """Called once per group with the model being pruned."""
+    def _prepare(self, model: nn.Module, graph) -> None:
+        """Called once per group with the model being pruned and its dependency graph (one per
+        trace: the model's structure is fixed while it is used)."""
 
     def _exempt(self) -> set:
         """Modules whose statistics are never used (skipped by the staleness check)."""
@@ -169,7 +170,7 @@ class _ChannelImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group: _tp.Group) -> Optional[torch.Tensor]:
         model = _tp.group_model(group)
-        self._prepare(model)
+        self._prepare(model, _tp.group_graph(group))
         stats = self._statistics.current(model, self._exempt())
         try:
             scores = self._score(group, stats)
@@ -310,9 +311,10 @@ class EigenDamageImportance(KroneckerOBDImportance):
       directions, whatever the side; no statistics needed;
     * ``rotate_in`` output and ``rotate_out`` input channels (the same directions): nothing;
     * the block's outer channels (``rotate_in`` inputs / ``rotate_out`` outputs): Kron-OBD of
-      the block as one layer, weight ``Q_S W* Q_Aᵀ`` (current rotation weights) and factors
+      the block as one layer, weight ``R_out W* R_in`` (current rotation weights) and factors
       ``A = basis_in diag(λ_A) basis_inᵀ``, ``S = basis_out diag(λ_S) basis_outᵀ`` over the
-      basis rows of the outer channels still present (:meth:`KFEBlock.surviving_outer`).
+      basis rows of the outer channels still present, computed in the eigenbasis without
+      forming them (:meth:`KFEBlock.outer_kron_operands`).
 
     ``normalizer=None`` (default) keeps loss units so global pruning ranks eigen-directions and
     channels of all layers in one list.
@@ -322,10 +324,13 @@ class EigenDamageImportance(KroneckerOBDImportance):
                  first_order: bool = True):
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
+        self._parts_graph = None
 
-    def _prepare(self, model):
-        self._parts = {getattr(b, role): (b, role) for b in model.modules() if isinstance(b, KFEBlock)
-                       for role in ("rotate_in", "core", "rotate_out")}
+    def _prepare(self, model, graph):
+        if graph is not self._parts_graph:   # the blocks' parts, found once per traced graph
+            self._parts = {getattr(b, role): (b, role) for b in model.modules() if isinstance(b, KFEBlock)
+                           for role in ("rotate_in", "core", "rotate_out")}
+            self._parts_graph = graph
 
     def _exempt(self):
         return set(self._parts)
@@ -339,9 +344,9 @@ class EigenDamageImportance(KroneckerOBDImportance):
             damage_in, damage_out = self._eigen_damages(block)
             return damage_in if reads else damage_out
         if role == "rotate_in" and reads and side == "consumer":
-            return damage.kron_in_damage(*self._block_curvature(block))
+            return damage.kron_in_damage(*self._outer_operands(block, "input"))
         if role == "rotate_out" and writes and side == "producer":
-            return damage.kron_out_damage(*self._block_curvature(block))
+            return damage.kron_out_damage(*self._outer_operands(block, "output"))
         return None
 
     def _eigen_damages(self, block: KFEBlock):
@@ -353,22 +358,11 @@ class EigenDamageImportance(KroneckerOBDImportance):
         return damage.eigen_damages(core[0], block.fisher_diag[out_idx][:, in_idx],
                                     None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
 
-    def _block_curvature(self, block: KFEBlock):
-        """``(w, A, S, Ḡ)`` of the block as one layer: ``w = Q_S W* Q_Aᵀ`` per kernel offset,
-        ``A``/``S`` rebuilt from the basis rows of its surviving outer channels and
-        ``Ḡ = basis_out Ḡ* basis_inᵀ`` over the same rows."""
-        core = adapter_for(block.core).weight_blocks(block.core).double()
-        R_in = block.rotation_in_matrix().double()
-        R_out = block.rotation_out_matrix().double()
-        w = torch.einsum("or,grik,ij->gojk", R_out, core, R_in)
-        channels_in, channels_out = block.surviving_outer()
-        Q_A, Q_S = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
-        A = (Q_A * block.eigen_in.double()) @ Q_A.T
-        S = (Q_S * block.eigen_out.double()) @ Q_S.T
-        mean_grad = self._first_order(block.mean_grad)
-        if mean_grad is not None:
-            mean_grad = torch.einsum("or,rsk,js->ojk", Q_S, mean_grad.double(), Q_A)[None]
-        return w, A[None], S[None], mean_grad
+    def _outer_operands(self, block: KFEBlock, side: str):
+        """``(w, A, S, Ḡ)`` of the block's outer ``side`` channels, the block taken as one layer
+        (:meth:`KFEBlock.outer_kron_operands`); ``Ḡ`` only if the first-order term is on."""
+        *operands, mean_grad = block.outer_kron_operands(side)
+        return (*operands, self._first_order(mean_grad))
 
 
 # -- mixing criteria --------------------------------------------------------------------------

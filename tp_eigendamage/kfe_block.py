@@ -77,6 +77,10 @@ def _in_kfe(eigen, W: torch.Tensor) -> torch.Tensor:
     """``Q_Sᵀ W_k Q_A`` for every kernel offset k of an ``(out, in, K)`` tensor (float64)."""
     _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
     return torch.einsum("so,sik,ij->ojk", q_s, W.double(), q_a)
+def _rows(basis: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``basis[rows]`` in float64 (no gather when ``rows`` are all of them, in order)."""
+    in_order = len(rows) == basis.shape[0] and torch.equal(rows, torch.arange(len(rows), device=rows.device))
+    return basis.double() if in_order else basis[rows].double()
 
 
 def _rotated(eigen, W, R_in=None, R_out=None):
@@ -112,9 +116,23 @@ class Survivors(NamedTuple):
     channels_out: torch.Tensor    # rows of basis_out, in block-output order
 
 
-# block → (rotation weights and bases, their versions, Survivors): the lookup is redone only
-# when one of them was replaced (Torch-Pruning, re-rotation) or changed in place (training).
-_SURVIVORS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class _Lookup(NamedTuple):
+    """What :meth:`KFEBlock.surviving` knows about a block, valid while ``tensors`` (weak
+    references to the rotation weights and bases) still point to the block's tensors at
+    ``versions``."""
+
+    tensors: tuple
+    versions: tuple
+    survivors: Survivors
+    exact: bool                      # the rotations hold exact copies of basis entries
+    orthonormal: Tuple[bool, bool]   # basis_in / basis_out have orthonormal columns
+
+
+# block → _Lookup. Set when the block is built, re-rotated or cut to its survivors (nothing to
+# match then: every rotation entry is where the buffers say); redone only when a rotation or
+# basis was replaced (Torch-Pruning) or changed in place (training). Kept outside the module
+# so that copies and pickles of a block start without one.
+_LOOKUPS: "weakref.WeakKeyDictionary[nn.Module, _Lookup]" = weakref.WeakKeyDictionary()
 
 
 # -- the block --------------------------------------------------------------------------------
@@ -181,6 +199,7 @@ class KFEBlock(nn.Module):
         if has_bias:
             with torch.no_grad():
                 blk.rotate_out.bias.copy_(layer.bias)
+        blk._remember_as_set((True, True))   # the bases are the eigenvectors Q_A, Q_S
         return blk
 
     def forward(self, x):
@@ -204,26 +223,59 @@ class KFEBlock(nn.Module):
         """Current output rotation as ``(out, r_out_now)`` (columns are directions)."""
         return self.rotate_out.weight.reshape(self.rotate_out.weight.shape[0], -1)
 
+    def _lookup_tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.rotate_in.weight, self.rotate_out.weight, self.basis_in, self.basis_out)
+
+    def _cached_lookup(self) -> Optional[_Lookup]:
+        """The cached :class:`_Lookup` if the rotations and bases are unchanged since, else None."""
+        cached = _LOOKUPS.get(self)
+        tensors = self._lookup_tensors()
+        if cached is None or any(ref() is not t for ref, t in zip(cached.tensors, tensors)):
+            return None
+        return cached if cached.versions == tuple(t._version for t in tensors) else None
+
+    def _remember(self, survivors: Survivors, exact: bool, orthonormal: Tuple[bool, bool]) -> _Lookup:
+        tensors = self._lookup_tensors()
+        lookup = _Lookup(tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
+                         survivors, exact, orthonormal)
+        _LOOKUPS[self] = lookup
+        return lookup
+
+    def _remember_as_set(self, orthonormal: Tuple[bool, bool]) -> None:
+        """The rotations were just set from the buffers: every direction and outer channel is
+        where the buffers say (``rotate_in = basis_inᵀ``, ``rotate_out = basis_out``)."""
+        (n_in, r_in), (n_out, r_out) = self.basis_in.shape, self.basis_out.shape
+        device = self.basis_in.device
+        self._remember(Survivors(*(torch.arange(n, device=device) for n in (r_in, r_out, n_in, n_out))),
+                       True, orthonormal)
+
+    def _survivors_lookup(self) -> _Lookup:
+        """:meth:`surviving` with how the survivors were found (see :class:`_Lookup`)."""
+        cached = self._cached_lookup()
+        if cached is not None:
+            return cached
+        stale = _LOOKUPS.get(self)
+        same_bases = (stale is not None and stale.tensors[2]() is self.basis_in and stale.tensors[3]() is self.basis_out
+                      and stale.versions[2:] == (self.basis_in._version, self.basis_out._version))
+        channels_in, directions_in, exact_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
+        channels_out, directions_out, exact_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
+        return self._remember(Survivors(directions_in, directions_out, channels_in, channels_out),
+                              exact_in and exact_out, stale.orthonormal if same_bases else (False, False))
+
     def surviving(self) -> Survivors:
         """Which stored directions and outer channels the block still has, after any removals.
 
-        As long as the rotation weights are unchanged since the block was built / re-rotated,
-        they are exact copies of basis entries, ``rotate_in[d, c] = basis_in[s_c, j_d]`` and
-        ``rotate_out[c, d] = basis_out[s_c, j_d]``, and :func:`~tp_eigendamage._basis_matching.exact_indices` recovers ``s``
-        (outer channels) and ``j`` (directions) exactly. Otherwise (rotations fine-tuned) each
-        direction is matched to the stored one with the largest ``|cos|``, which needs the outer
-        channels intact; if they were pruned too, :class:`StaleBasisError`. The result is
-        cached until a rotation weight or basis is replaced or changed in place.
+        Right after the block is built or re-rotated, every direction and outer channel is
+        where the buffers say (identity indices, nothing to look up). After Torch-Pruning
+        removed some, as long as the rotation weights are unchanged they are exact copies of
+        basis entries, ``rotate_in[d, c] = basis_in[s_c, j_d]`` and ``rotate_out[c, d] =
+        basis_out[s_c, j_d]``, and :func:`~tp_eigendamage._basis_matching.exact_indices`
+        recovers ``s`` (outer channels) and ``j`` (directions) exactly. Otherwise (rotations
+        fine-tuned) each direction is matched to the stored one with the largest ``|cos|``,
+        which needs the outer channels intact; if they were pruned too, :class:`StaleBasisError`.
+        The result is cached until a rotation weight or basis is replaced or changed in place.
         """
-        tensors = (self.rotate_in.weight, self.rotate_out.weight, self.basis_in, self.basis_out)
-        versions = tuple(t._version for t in tensors)
-        cached = _SURVIVORS.get(self)
-        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], tensors)):
-            channels_in, directions_in = self._locate(self.rotation_in_matrix().detach().T, self.basis_in, "input")
-            channels_out, directions_out = self._locate(self.rotation_out_matrix().detach(), self.basis_out, "output")
-            cached = (tensors, versions, Survivors(directions_in, directions_out, channels_in, channels_out))
-            _SURVIVORS[self] = cached
-        return cached[2]
+        return self._survivors_lookup().survivors
 
     def surviving_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Indices into ``eigen_in`` / ``eigen_out`` (columns of the bases) of the directions left."""
@@ -236,11 +288,14 @@ class KFEBlock(nn.Module):
         return s.channels_in, s.channels_out
 
     @staticmethod
-    def _locate(current: torch.Tensor, basis: torch.Tensor, side: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(channels, directions)`` of ``current`` ``(outer_now, r_now)`` in ``basis`` ``(outer, r)``."""
+    def _locate(current: torch.Tensor, basis: torch.Tensor, side: str) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(channels, directions, exact)`` of ``current`` ``(outer_now, r_now)`` in ``basis``
+        ``(outer, r)``; ``exact``: ``current`` holds exact copies of basis entries."""
+        if current.shape == basis.shape and torch.equal(current.to(basis.dtype), basis):
+            return torch.arange(basis.shape[0], device=basis.device), torch.arange(basis.shape[1], device=basis.device), True
         found = exact_indices(current, basis)
         if found is not None:
-            return found
+            return (*found, True)
         if current.shape[0] != basis.shape[0]:
             raise StaleBasisError(
                 f"the {side} rotation of this KFE block changed since it was built (e.g. it was "
@@ -249,11 +304,13 @@ class KFEBlock(nn.Module):
                 "collect_kfac on the current model and to_kfe(model, stats) again, which "
                 "re-rotates the block and re-bases its buffers")
         cos = F.normalize(basis.double(), dim=0).T @ F.normalize(current.double(), dim=0)
-        return torch.arange(basis.shape[0], device=basis.device), cos.abs().argmax(dim=0)
+        return torch.arange(basis.shape[0], device=basis.device), cos.abs().argmax(dim=0), False
 
     def keep_surviving_buffers(self) -> None:
         """Cut the buffers down to the surviving directions and outer channels, in the layers' order."""
-        s = self.surviving()
+        lookup = self._survivors_lookup()
+        s = lookup.survivors
+        all_in, all_out = (len(s.channels_in) == self.basis_in.shape[0], len(s.channels_out) == self.basis_out.shape[0])
         self.basis_in = self.basis_in[s.channels_in][:, s.directions_in]
         self.basis_out = self.basis_out[s.channels_out][:, s.directions_out]
         self.eigen_in, self.eigen_out = self.eigen_in[s.directions_in], self.eigen_out[s.directions_out]
@@ -263,6 +320,53 @@ class KFEBlock(nn.Module):
         if self.removal_fisher_in is not None:
             self.removal_fisher_in = self.removal_fisher_in[s.directions_in]
             self.removal_fisher_out = self.removal_fisher_out[s.directions_out]
+        if lookup.exact:   # a subset of orthonormal columns over all their rows stays orthonormal
+            self._remember_as_set((lookup.orthonormal[0] and all_in, lookup.orthonormal[1] and all_out))
+
+    def outer_kron_operands(self, side: str) -> Tuple[torch.Tensor, ...]:
+        """``(w, A, S, Ḡ)`` for Kron-OBD of the block's outer ``"input"`` or ``"output"`` channels
+        (:func:`~tp_eigendamage.damage.kron_in_damage` / ``kron_out_damage``), the block taken
+        as one layer in coordinates where the factor that is not read off its diagonal is
+        diagonal (docs/method.md §8). Float64, with a leading group dimension of 1.
+
+        As one layer the block has weight ``w_k = R_out W*_k R_in`` and factors ``A = B Λ_A Bᵀ``,
+        ``S = D Λ_S Dᵀ`` with ``B``/``D`` the rows of ``basis_in``/``basis_out`` of the outer
+        channels still present. Output channel c needs ``S_cc`` and ``w_k A w_kᵀ = V_k Λ_A V_kᵀ``
+        with ``V_k = w_k B = R_out W*_k (R_in B)``; input channel j needs ``A_jj`` and
+        ``w_kᵀ S w_k = U_kᵀ Λ_S U_k`` with ``U_k = Dᵀ w_k = (Dᵀ R_out) W*_k R_in``. Neither ``w``
+        nor ``A``/``S`` is formed. While the rotations hold exact copies of bases with
+        orthonormal columns over all their rows (as built from a layer, until an outer channel
+        is removed or a rotation changed), ``R_in B`` and ``Dᵀ R_out`` are rows / columns of the
+        identity: ``V = R_out W*`` with ``Λ_A`` of the surviving directions (likewise ``U``).
+        The mean gradient ``Ḡ_k = D Ḡ*_k Bᵀ`` of the block as one layer enters the first-order
+        term through ``Σ_j w_cjk Ḡ_cjk = (V_k (D Ḡ*_k)ᵀ)_cc`` and ``Σ_o w_ojk Ḡ_ojk =
+        (U_kᵀ (Ḡ*_k Bᵀ))_jj``: ``D Ḡ*`` pairs with ``V``, ``Ḡ* Bᵀ`` with ``U`` (``None`` without
+        ``mean_grad``). Returns ``(V, Λ_A, diag S, D Ḡ*)`` for ``"output"``, ``(U, diag A, Λ_S,
+        Ḡ* Bᵀ)`` for ``"input"``.
+        """
+        lookup = self._survivors_lookup()
+        s = lookup.survivors
+        core = weight_3d(self.core)
+        lam_a, lam_s = self.eigen_in.double(), self.eigen_out.double()
+        grad = None if self.mean_grad is None else self.mean_grad.double()
+        B, D = _rows(self.basis_in, s.channels_in), _rows(self.basis_out, s.channels_out)
+        if side == "output":
+            V = torch.einsum("or,rsk->osk", _matrix(self.rotate_out), core)
+            if lookup.exact and lookup.orthonormal[0] and len(s.channels_in) == self.basis_in.shape[0]:
+                lam_a = lam_a[s.directions_in]
+                grad = None if grad is None else grad[:, s.directions_in]
+            else:
+                V = torch.einsum("osk,st->otk", V, _matrix(self.rotate_in) @ B)
+            grad = None if grad is None else torch.einsum("or,rsk->osk", D, grad)[None]
+            return V[None], lam_a[None], (D.square() @ lam_s)[None], grad
+        U = torch.einsum("rsk,si->rik", core, _matrix(self.rotate_in))
+        if lookup.exact and lookup.orthonormal[1] and len(s.channels_out) == self.basis_out.shape[0]:
+            lam_s = lam_s[s.directions_out]
+            grad = None if grad is None else grad[s.directions_out]
+        else:
+            U = torch.einsum("or,rik->oik", D.T @ _matrix(self.rotate_out), U)
+        grad = None if grad is None else torch.einsum("rsk,js->rjk", grad, B)[None]
+        return U[None], (B.square() @ lam_a)[None], lam_s[None], grad
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
@@ -279,13 +383,21 @@ class KFEBlock(nn.Module):
 
     def _set_rotation(self, factors, *weights) -> None:
         """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions
-        (``factors``: the core's :class:`~tp_eigendamage.KFACFactors`)."""
+        (``factors``: the core's :class:`~tp_eigendamage.KFACFactors`).
+
+        The new bases ``R_inᵀ Q_A,new`` / ``R_out Q_S,new`` have orthonormal columns where the
+        old ones had and the rotation lost no outer channel and was not changed otherwise."""
+        before = self._cached_lookup()
+        orthonormal = (False, False) if before is None else (
+            before.exact and before.orthonormal[0] and len(before.survivors.channels_in) == self.basis_in.shape[0],
+            before.exact and before.orthonormal[1] and len(before.survivors.channels_out) == self.basis_out.shape[0])
         self._load(weights)
         (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out, self.fisher_diag,
          self.mean_grad) = _buffers(factors.eigen(), weights[0], weights[2], self.core.weight,
                                     _mean_grad_3d(factors))
         self.removal_fisher_in = self.removal_fisher_out = None
         self.eigen_corrected = False
+        self._remember_as_set(orthonormal)
 
     def num_parameters(self) -> int:
         """Parameters of the three layers (rotations included)."""

@@ -9,8 +9,9 @@ Each round ``r = 1..k`` of ``prune(..., iterative_steps=k)``:
 3. score every Torch-Pruning group of the model ONCE;
 4. find how many channels to remove so that the model lands on this round's budget
    (``target^(r/k)`` of the original parameters / FLOPs / latency, or Torch-Pruning's
-   ``pruning_ratio`` schedule): each candidate is pruned on a SHAPE-ONLY twin of the model, its
-   KFE blocks stored as in step 6, and counted there (:func:`tp_eigendamage.budget.search_ratio`);
+   ``pruning_ratio`` schedule): each candidate is pruned on a SHAPE-ONLY twin of the model (with
+   a copy of the step-3 dependency graph: no new trace), its KFE blocks stored as in step 6, and
+   counted there (:func:`tp_eigendamage.budget.search_ratio`);
    for a latency target the twin holds real tensors and is timed next to the unpruned model;
 5. remove them from the model, never more than ``max_layer_ratio`` of any layer's original
    channels / directions; ``kron_obs`` first applies the K-FAC OBS compensation to the
@@ -386,7 +387,7 @@ def _search(round_: Round, target: str, value: float, start: float, exponent: fl
         achieved = round_.latency_at
     else:
         metric = "params" if target == "target_params" else "flops"
-        achieved = lambda x: round_.cost_at(x).fraction_of(before, metric)  # noqa: E731
+        achieved = lambda x: round_.metric_at(x, metric) / getattr(before, metric)  # noqa: E731
     return search_ratio(achieved, value, start=start, exponent=exponent, tolerance=tolerance,
                         max_ratio=config.cap * 0.99)
 
