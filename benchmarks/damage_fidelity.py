@@ -22,11 +22,15 @@ examples ("stat") and on the held-out test split ("held-out"), after
 Predictions come from the library's importances on the same groups (eigen-directions: on the
 model after ``to_kfe``; channels: on the plain model):
 
-* ``eigendamage``      — EigenDamageImportance, K-FAC, first-order term on (the default);
-* ``eigendamage-2nd``  — the same with ``first_order=False`` (the paper's damage);
+* ``eigendamage``      — EigenDamageImportance, K-FAC, first-order term as it is
+  (``first_order="signed"``: the predicted change of the loss);
+* ``eigendamage-positive`` — its positive part only (``first_order="positive"``, the default,
+  which ``prune()`` ranks by: a removal is never credited with a loss decrease);
+* ``eigendamage-2nd``  — the same with ``first_order="off"`` (the paper's damage);
 * ``eigendamage-ekfac``— after ``fit_eigen_correction`` (EK-FAC diagonal and mean gradient);
 * ``kron_obd``         — KroneckerOBDImportance (consumer side for channels; directions: on the
   KFE model with statistics collected on it);
+* ``kron_obd-positive``— the consumer side with the positive part of the first-order term (channels);
 * ``kron_obd-producer``— the producer side (channels only);
 * ``fisher_diag``      — FisherDiagImportance (C-OBD), consumer side;
 * ``taylor``           — Torch-Pruning's GroupTaylorImportance (``Σ |w ⊙ ∂L/∂w|``, mean loss
@@ -84,9 +88,9 @@ MODELS = {
     "resnet18-nowd": dict(arch="resnet18", epochs=10, lr=0.05, weight_decay=0.0),
     "mobilenetv2-wd": dict(arch="mobilenetv2_050", epochs=40, lr=0.02, weight_decay=1e-4),
 }
-DIRECTION_CRITERIA = ["eigendamage", "eigendamage-2nd", "eigendamage-ekfac", "kron_obd", "fisher_diag", "taylor"]
+DIRECTION_CRITERIA = ["eigendamage", "eigendamage-positive", "eigendamage-2nd", "eigendamage-ekfac", "kron_obd", "fisher_diag", "taylor"]
 FACTOR_VARIANTS = ["coverage", "tap", "patch"]
-CHANNEL_CRITERIA = ["kron_obd", "kron_obd-2nd", "kron_obd-producer", "fisher_diag", "taylor"]
+CHANNEL_CRITERIA = ["kron_obd", "kron_obd-positive", "kron_obd-2nd", "kron_obd-producer", "fisher_diag", "taylor"]
 STEP = 1e-3  # central-difference step of --exact
 
 
@@ -212,11 +216,12 @@ def direction_scores(model, batches, example, names: List[str]) -> Dict[str, Dic
     fisher = ted.collect_fisher_diag(kfe, batches, modules=cores, progress=False)
     with_mean_gradient(kfe, batches)
     criteria = {
-        "eigendamage": (kfe, ted.EigenDamageImportance(on_kfe)),
-        "eigendamage-2nd": (kfe, ted.EigenDamageImportance(on_kfe, first_order=False)),
-        "eigendamage-ekfac": (ekfac, ted.EigenDamageImportance(on_kfe)),
-        "kron_obd": (kfe, ted.KroneckerOBDImportance(on_kfe, side="consumer")),
-        "fisher_diag": (kfe, ted.FisherDiagImportance(fisher, side="consumer")),
+        "eigendamage": (kfe, ted.EigenDamageImportance(on_kfe, first_order="signed")),
+        "eigendamage-positive": (kfe, ted.EigenDamageImportance(on_kfe)),
+        "eigendamage-2nd": (kfe, ted.EigenDamageImportance(on_kfe, first_order="off")),
+        "eigendamage-ekfac": (ekfac, ted.EigenDamageImportance(on_kfe, first_order="signed")),
+        "kron_obd": (kfe, ted.KroneckerOBDImportance(on_kfe, side="consumer", first_order="signed")),
+        "fisher_diag": (kfe, ted.FisherDiagImportance(fisher, side="consumer", first_order="signed")),
         "taylor": (kfe, tp.importance.GroupTaylorImportance(normalizer=None, group_reduction="sum")),
     }
     scores = {n: {} for n in names}
@@ -244,10 +249,11 @@ def channel_scores(model, batches, example, classifier) -> Dict[str, Dict[str, t
     stats = ted.collect_kfac(model, batches, progress=False)
     fisher = ted.collect_fisher_diag(model, batches, progress=False)
     criteria = {
-        "kron_obd": ted.KroneckerOBDImportance(stats, side="consumer"),
-        "kron_obd-2nd": ted.KroneckerOBDImportance(stats, side="consumer", first_order=False),
-        "kron_obd-producer": ted.KroneckerOBDImportance(stats, side="producer"),
-        "fisher_diag": ted.FisherDiagImportance(fisher, side="consumer"),
+        "kron_obd": ted.KroneckerOBDImportance(stats, side="consumer", first_order="signed"),
+        "kron_obd-positive": ted.KroneckerOBDImportance(stats, side="consumer"),
+        "kron_obd-2nd": ted.KroneckerOBDImportance(stats, side="consumer", first_order="off"),
+        "kron_obd-producer": ted.KroneckerOBDImportance(stats, side="producer", first_order="signed"),
+        "fisher_diag": ted.FisherDiagImportance(fisher, side="consumer", first_order="signed"),
         "taylor": tp.importance.GroupTaylorImportance(normalizer=None, group_reduction="sum"),
     }
     with_mean_gradient(model, batches)

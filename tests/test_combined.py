@@ -42,7 +42,7 @@ def reference(parts, normalize):
 @pytest.mark.parametrize("normalize", ["rank", "sum", None])
 def test_mix_with_torch_pruning_magnitude(setup, normalize):
     model, stats, groups = setup
-    ours = KroneckerOBDImportance(stats, first_order=False)   # positive scores: "sum" is a share
+    ours = KroneckerOBDImportance(stats, first_order="off")   # positive scores: "sum" is a share
     theirs = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     mixed = CombinedImportance([(ours, 1.0), (theirs, 0.5)], normalize=normalize)
     for group in groups:

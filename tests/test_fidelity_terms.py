@@ -115,8 +115,8 @@ def test_batches_without_targets_warn_and_give_no_mean_grad():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stats = ted.collect_kfac(model, unlabeled, progress=False, mean_gradient=False)
-        imp = ted.KroneckerOBDImportance(stats, first_order=False)
-    assert stats[model.conv].mean_grad is None and not imp.first_order
+        imp = ted.KroneckerOBDImportance(stats, first_order="off")
+    assert stats[model.conv].mean_grad is None and imp.first_order == "off"
 
 
 def kfe_net(seed: int, examples: int):
@@ -191,5 +191,5 @@ def test_first_order_term_fixes_the_scale_on_a_net_trained_with_weight_decay():
             with torch.no_grad():
                 block.core.weight.copy_(saved)
         ratio = {order: float(np.median(np.array(measured) / ted.EigenDamageImportance(
-            stats, first_order=order)(group).double().numpy())) for order in (True, False)}
-        assert 0.5 <= ratio[True] <= 2 and ratio[False] > 10, ratio
+            stats, first_order=order)(group).double().numpy())) for order in ("signed", "off")}
+        assert 0.5 <= ratio["signed"] <= 2 and ratio["off"] > 10, ratio

@@ -60,13 +60,20 @@ def test_tiny_net_groups_cover_every_layer_kind(tiny):
 def test_kron_obd_matches_explicit_formula(tiny, side):
     model, batches, stats, DG, groups = tiny
     grads = mean_data_grads(model, batches)
-    second, both = (KroneckerOBDImportance(stats, side=side, first_order=f) for f in (False, True))
+    second, both, positive = (KroneckerOBDImportance(stats, side=side, first_order=f)
+                              for f in ("off", "signed", "positive"))
+    negative_first_order = 0
     for group in groups:
-        ref = group_reference(DG, group, kron_score(stats), side)
-        assert ref.abs().sum() > 0
-        torch.testing.assert_close(second(group).double(), ref, rtol=1e-4, atol=1e-10)
+        ref_second = group_reference(DG, group, kron_score(stats), side)
+        assert ref_second.abs().sum() > 0
+        torch.testing.assert_close(second(group).double(), ref_second, rtol=1e-4, atol=1e-10)
         ref = group_reference(DG, group, kron_score(stats, grads=grads), side)
         torch.testing.assert_close(both(group).double(), ref, rtol=1e-4, atol=1e-9)
+        # "positive": the first-order term of the whole removal (all members) enters only if > 0
+        torch.testing.assert_close(positive(group).double(),
+                                   ref_second + (ref - ref_second).clamp_min(0), rtol=1e-4, atol=1e-9)
+        negative_first_order += int((ref < ref_second).sum())
+    assert negative_first_order > 0   # the clamp was exercised
 
 
 def test_kron_obd_linear_on_tokens_equals_kron_product(tiny):
@@ -86,10 +93,12 @@ def test_kron_obd_linear_on_tokens_equals_kron_product(tiny):
         quad.append(0.5 * vec @ fisher @ vec)
         first.append((grad * delta).sum())
     quad, first = torch.stack(quad), torch.stack(first)
-    got = KroneckerOBDImportance(stats, side="consumer", first_order=False)(group)
+    got = KroneckerOBDImportance(stats, side="consumer", first_order="off")(group)
     torch.testing.assert_close(got.double(), quad, rtol=1e-4, atol=1e-12)
-    got = KroneckerOBDImportance(stats, side="consumer")(group)
+    got = KroneckerOBDImportance(stats, side="consumer", first_order="signed")(group)
     torch.testing.assert_close(got.double(), quad + first, rtol=1e-4, atol=1e-9)
+    got = KroneckerOBDImportance(stats, side="consumer")(group)                    # "positive"
+    torch.testing.assert_close(got.double(), quad + first.clamp_min(0), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("side", ["consumer", "producer"])
@@ -123,8 +132,8 @@ def test_kron_obs_matches_explicit_formula(tiny, side):
         return (g[rows] * delta).sum().item()
 
     quad = kron_score(stats, obs_quad)
-    second = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order=False)
-    both = KroneckerOBSImportance(stats, side=side, damping=gamma)
+    second = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order="off")
+    both = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order="signed")
     for group in groups:
         torch.testing.assert_close(second(group).double(), group_reference(DG, group, quad, side),
                                    rtol=1e-4, atol=1e-10)
@@ -187,8 +196,8 @@ def test_fisher_diag_matches_per_example_gradients(tiny):
         torch.testing.assert_close(fisher.mean_grad(m).reshape(m.weight.shape).double(), grads[m],
                                    rtol=1e-4, atol=1e-8)
     for side in ("consumer", "producer"):
-        second = FisherDiagImportance(fisher, side=side, first_order=False)
-        both = FisherDiagImportance(fisher, side=side)
+        second = FisherDiagImportance(fisher, side=side, first_order="off")
+        both = FisherDiagImportance(fisher, side=side, first_order="signed")
         for group in groups:
             torch.testing.assert_close(second(group).double(), group_reference(DG, group, score, side),
                                        rtol=1e-4, atol=1e-12)
@@ -239,17 +248,17 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
     in_group = group_with(DG, groups, block.core, "in")
     out_group = group_with(DG, groups, block.core, "out")
     for side in ("consumer", "producer"):
-        imp = EigenDamageImportance(stats, side=side, first_order=False)
+        imp = EigenDamageImportance(stats, side=side, first_order="off")
         torch.testing.assert_close(imp(in_group).double(), expect_in, rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(imp(out_group).double(), expect_out, rtol=1e-4, atol=1e-12)
 
     # outer channels: the block acts as one layer with Q_S W* Q_Aᵀ = W, A = Q_A Λ_A Q_Aᵀ and
     # S = Q_S Λ_S Q_Sᵀ, so they score as before the rewrite (block as consumer / as producer)
     stem_group = group_with(DG, groups, kfe_model.stem, "out")
-    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer", first_order=False)(stem_group).double(),
+    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer", first_order="off")(stem_group).double(),
                                residual_ref, rtol=1e-3, atol=1e-10)
     outer_out_group = group_with(DG, groups, block.rotate_out, "out")
-    torch.testing.assert_close(EigenDamageImportance(stats, first_order=False)(outer_out_group).double(), c1_out_ref,
+    torch.testing.assert_close(EigenDamageImportance(stats, first_order="off")(outer_out_group).double(), c1_out_ref,
                                rtol=1e-3, atol=1e-10)
 
     # pruning two directions: scores of the survivors keep their values
@@ -261,7 +270,7 @@ def test_eigendamage_on_kfe_block_matches_rotated_weights():
     keep = [j for j in range(8) if j not in (0, 5)]
     W_kept = W_star[:, keep]
     expect_in = 0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher[:, keep]).sum(0)
-    torch.testing.assert_close(EigenDamageImportance(stats, first_order=False)(in_group).double(), expect_in,
+    torch.testing.assert_close(EigenDamageImportance(stats, first_order="off")(in_group).double(), expect_in,
                                rtol=1e-4, atol=1e-12)
 
 
@@ -291,7 +300,7 @@ def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
     fisher = torch.outer(lam_s[j_out], lam_a[j_in])
 
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    imp = EigenDamageImportance(empirical, first_order=False)
+    imp = EigenDamageImportance(empirical, first_order="off")
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(),
                                0.5 * (W_kept ** 2).sum((2, 3)).mul(fisher).sum(0), rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(),
@@ -309,7 +318,7 @@ def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
         return fresh(layer, use, c)
 
     stem_group = group_with(DG, groups, model.stem, "out")
-    torch.testing.assert_close(EigenDamageImportance(empirical, side="consumer", first_order=False)(stem_group).double(),
+    torch.testing.assert_close(EigenDamageImportance(empirical, side="consumer", first_order="off")(stem_group).double(),
                                group_reference(DG, stem_group, score, "consumer"), rtol=1e-3, atol=1e-10)
 
 
@@ -329,7 +338,7 @@ def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
     core_grad = mean_data_grads(model, batches)[block.core].flatten(2)
     torch.testing.assert_close(block.mean_grad.double(), core_grad, rtol=1e-4, atol=1e-8)
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer")(
+    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer", first_order="signed")(
         group_with(DG, groups, model.stem, "out")).double(), stem_ref, rtol=1e-3, atol=1e-9)
     pruned = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
     pruned.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()
@@ -339,7 +348,7 @@ def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
     per_weight = (0.5 * W_star.square().sum(-1) * fisher[keep_out][:, keep_in]
                   - (W_star * core_grad[keep_out][:, keep_in]).sum(-1))
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    imp = EigenDamageImportance(stats)
+    imp = EigenDamageImportance(stats, first_order="signed")
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(), per_weight.sum(0),
                                rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(), per_weight.sum(1),
@@ -384,8 +393,8 @@ class Chain(nn.Module):
 def chain_scores(model, stats, reads, writes):
     """(consumer score of the group ``reads`` reads, producer score of the group ``writes`` writes)."""
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    return (EigenDamageImportance(stats, side="consumer")(group_with(DG, groups, reads, "in")).double(),
-            EigenDamageImportance(stats, side="producer")(group_with(DG, groups, writes, "out")).double())
+    return (EigenDamageImportance(stats, side="consumer", first_order="signed")(group_with(DG, groups, reads, "in")).double(),
+            EigenDamageImportance(stats, side="producer", first_order="signed")(group_with(DG, groups, writes, "out")).double())
 
 
 def test_outer_channel_scores_of_rewritten_blocks_match_the_full_rebuild():
@@ -441,7 +450,7 @@ def test_eigendamage_predicts_measured_loss_of_removing_directions():
     block = model.c3
     base = mean_loss(model, batches)
     DG, groups = groups_of(model, torch.randn(1, 1, 8, 8), ignored=[model.fc])
-    imp = EigenDamageImportance(stats, first_order=False)
+    imp = EigenDamageImportance(stats, first_order="off")
     predicted, measured = [], []
     for kind, dim in (("in", 1), ("out", 0)):
         group = group_with(DG, groups, block.core, kind)
@@ -468,7 +477,7 @@ def test_stale_plain_stats_raise_and_callable_stats_refresh():
         calls.append(1)
         return collect()
 
-    plain, lazy = KroneckerOBDImportance(stats), KroneckerOBDImportance(fresh, first_order=False)
+    plain, lazy = KroneckerOBDImportance(stats), KroneckerOBDImportance(fresh, first_order="off")
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
     lazy(groups[0])
     assert len(calls) == 1
@@ -495,6 +504,10 @@ def test_bad_arguments():
         EigenDamageImportance(stats, normalizer="zscore")
     with pytest.raises(ValueError, match="damping"):
         KroneckerOBSImportance(stats, damping=-1.0)
+    with pytest.raises(ValueError, match="first_order"):
+        FisherDiagImportance(stats, first_order=True)
+    with pytest.raises(ValueError, match="did you mean 'signed'"):
+        EigenDamageImportance(stats, first_order="sign")
     with pytest.raises(TypeError, match="callable"):
         KroneckerOBDImportance(42)
     patch = collect_kfac(model, batches, factor_mode="patch", progress=False)
@@ -578,7 +591,7 @@ def test_vit_groups_with_qkv_and_layernorm_match_explicit_formula():
     DG, groups = groups_of(model, torch.randn(1, 3, 32, 32), ignored=[model.head])
     assert any(item.dep.layer is model.blocks[0].attn.qkv for g in groups for item in g)
     for side in ("consumer", "producer"):
-        imp = KroneckerOBDImportance(stats, side=side, first_order=False)
+        imp = KroneckerOBDImportance(stats, side=side, first_order="off")
         for group in groups:
             kinds = {member_kind(DG, item.dep) for item in group}
             has_side = bool(kinds & ({"in"} if side == "consumer" else {"out", "both"}))

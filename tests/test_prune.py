@@ -231,7 +231,8 @@ class DirectEigenDamage(ted.EigenDamageImportance):
         B, D = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
         A = (B * block.eigen_in.double()) @ B.T
         S = (D * block.eigen_out.double()) @ D.T
-        G = torch.einsum("or,rsk,is->oik", D, block.mean_grad.double(), B)[None]
+        mean_grad = self._first_order(block.mean_grad)   # None while the second-order part is scored
+        G = None if mean_grad is None else torch.einsum("or,rsk,is->oik", D, mean_grad.double(), B)[None]
         return (damage.kron_in_damage if role == "rotate_in" else damage.kron_out_damage)(w, A[None], S[None], G)
 
 

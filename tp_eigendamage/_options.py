@@ -10,7 +10,8 @@ from typing import Iterable, Literal, Sequence, Type, get_args
 
 from .errors import InvalidArgumentError
 
-__all__ = ["FisherType", "FactorMode", "Side", "Ranking", "FISHER_TYPES", "FACTOR_MODES", "SIDES", "RANKINGS",
+__all__ = ["FisherType", "FactorMode", "Side", "Ranking", "FirstOrder", "FISHER_TYPES", "FACTOR_MODES", "SIDES",
+           "RANKINGS", "FIRST_ORDERS",
            "check_choice", "did_you_mean"]
 
 FisherType = Literal["true", "empirical"]
@@ -26,10 +27,15 @@ Ranking = Literal["damage", "damage_per_cost"]
 """How :func:`~tp_eigendamage.prune` ranks channels globally: by damage, or by damage per unit of
 the budgeted cost a channel's removal saves (docs/method.md §7)."""
 
+FirstOrder = Literal["positive", "signed", "off"]
+"""The damages' first-order term ``−Ḡ·w`` of a removal (docs/method.md §4): its positive part
+(a removal is never credited with a loss decrease), as it is, or left out (the paper's damage)."""
+
 FISHER_TYPES = get_args(FisherType)
 FACTOR_MODES = get_args(FactorMode)
 SIDES = get_args(Side)
 RANKINGS = get_args(Ranking)
+FIRST_ORDERS = get_args(FirstOrder)
 
 
 def did_you_mean(word, choices: Iterable) -> str:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import _tp, damage
-from ._options import SIDES, Side, check_choice
+from ._options import FIRST_ORDERS, SIDES, FirstOrder, Side, check_choice
 from .diag_fisher import FisherDiagStats
 from .errors import InvalidArgumentError, StaleStatisticsError
 from .kfac import KFACStats
@@ -120,27 +120,30 @@ class _ChannelImportance(tp.importance.Importance):
 
     what = "KFACStats"
 
-    def __init__(self, stats, *, side: Side = "producer", normalizer=None, first_order: bool = True):
+    def __init__(self, stats, *, side: Side = "producer", normalizer=None, first_order: FirstOrder = "positive"):
         check_choice(side, "side", SIDES, hint="'producer': output-side damage of the layers "
                      "writing a channel; 'consumer': input-side damage of the layers reading it")
         if not callable(normalizer):
             check_choice(normalizer, "normalizer", NORMALIZERS, hint="or pass a callable; None "
                          "keeps loss units, needed for global pruning")
-        self.side, self.normalizer, self.first_order = side, normalizer, bool(first_order)
+        check_choice(first_order, "first_order", FIRST_ORDERS, hint="'positive': the positive part of "
+                     "−Ḡ·w (default); 'signed': −Ḡ·w as it is; 'off': second order only")
+        self.side, self.normalizer, self.first_order = side, normalizer, first_order
+        self._second_order_only = False
         self._statistics = _Statistics(stats, self.what)
         self._warned_no_gradient = False
 
     def _first_order(self, mean_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``mean_grad`` if the first-order term is on (``None`` = second order only); warns once
         when the statistics hold no mean gradient."""
-        if not self.first_order:
+        if self.first_order == "off" or self._second_order_only:
             return None
         if mean_grad is None and not self._warned_no_gradient:
             self._warned_no_gradient = True
-            warnings.warn(f"{type(self).__name__}(first_order=True): the statistics hold no mean "
-                          "data-label gradient (collected with mean_gradient=False or from batches "
-                          "without targets), so damages are second order only; pass "
-                          "first_order=False to silence this", stacklevel=4)
+            warnings.warn(f"{type(self).__name__}(first_order={self.first_order!r}): the statistics "
+                          "hold no mean data-label gradient (collected with mean_gradient=False or "
+                          "from batches without targets), so damages are second order only; pass "
+                          "first_order='off' to silence this", stacklevel=4)
         return mean_grad
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -180,10 +183,21 @@ class _ChannelImportance(tp.importance.Importance):
         return None if scores is None else _normalize(scores, self.normalizer)
 
     def _score(self, group, stats) -> Optional[torch.Tensor]:
+        """Per root channel: ``second + first`` (``"signed"``), ``second + max(first, 0)``
+        (``"positive"``) or ``second`` (``"off"``), ``first`` the first-order term of the whole
+        removal (all members), ``second`` its quadratic term."""
         for side in (self.side, SIDES[1 - SIDES.index(self.side)]):
             scores = self._sum_members(group, side, stats)
-            if scores is not None:
-                return scores
+            if scores is None:
+                continue
+            if self.first_order == "positive":
+                self._second_order_only = True
+                try:
+                    second = self._sum_members(group, side, stats)
+                finally:
+                    self._second_order_only = False
+                scores = second + (scores - second).clamp_min(0)
+            return scores.float()
         return None
 
     def _sum_members(self, group, side: str, stats) -> Optional[torch.Tensor]:
@@ -203,7 +217,7 @@ class _ChannelImportance(tp.importance.Importance):
             if pairs:
                 rows, cols = (torch.as_tensor(v, device=member.device) for v in zip(*pairs))
                 total.index_add_(0, rows, member[cols])
-        return None if total is None else total.float()
+        return total
 
 
 class KroneckerOBDImportance(_ChannelImportance):
@@ -213,18 +227,20 @@ class KroneckerOBDImportance(_ChannelImportance):
     * input channel j (consumer side): ``Σ_k (−Ḡ_{:,j,k} · w_{:,j,k} + ½ A_jj · w_{:,j,k}ᵀ S w_{:,j,k})``;
     * output channel c (producer side): ``Σ_k (−Ḡ_{c,:,k} · w_{c,:,k} + ½ S_cc · w_{c,:,k}ᵀ A w_{c,:,k})``.
 
-    ``first_order=False`` drops the ``Ḡ`` terms (the paper's damage; docs/fidelity.md).
+    ``first_order``: ``"positive"`` (default) adds the positive part of the ``Ḡ`` terms of each
+    removal, ``"signed"`` adds them as they are, ``"off"`` drops them (the paper's damage);
+    docs/method.md §4.
     Grouped / depthwise convs use their per-group factors. ``stats``: a ``KFACStats`` or a
     zero-arg callable returning one.
     """
 
     def __init__(self, stats: KFACSource, side: Side = "producer", *, normalizer=None,
-                 first_order: bool = True):
+                 first_order: FirstOrder = "positive"):
         super().__init__(stats, side=side, normalizer=normalizer, first_order=first_order)
 
     def _curvature(self, module, stats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """``(w, A, S, Ḡ)``: weight blocks ``(G, d_out, d_in, K)``, per-group factors and the mean
-        data-label gradient (``None`` if ``first_order=False``)."""
+        data-label gradient (``None`` if ``first_order="off"``)."""
         f = stats[module]
         if f.factor_mode != "channel":
             raise InvalidArgumentError(f"channel criteria need factor_mode='channel' statistics, layer "
@@ -251,7 +267,7 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
 
     Input channel j: ``½ Σ_k (w_{:,j,k}ᵀ S w_{:,j,k}) / [A⁻¹]_jj``; output channel i:
     ``½ Σ_k (w_{i,:,k}ᵀ A w_{i,:,k}) / [S⁻¹]_ii``; plus ``Σ Ḡ ⊙ Δ`` along the OBS update ``Δ``
-    (:func:`tp_eigendamage.damage.obs_in_damage`, ``first_order=False`` drops it). Inverses are
+    (:func:`tp_eigendamage.damage.obs_in_damage`, ``first_order="off"`` drops it). Inverses are
     damped, ``(A + γ·mean(diag A)·I)⁻¹`` with ``γ = damping`` (default :data:`damage.OBS_DAMPING`).
     Apply the matching update with :func:`tp_eigendamage.damage.obs_compensation`.
 
@@ -260,7 +276,7 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
     """
 
     def __init__(self, stats: KFACSource, side: Side = "consumer", *,
-                 damping: float = damage.OBS_DAMPING, normalizer=None, first_order: bool = True):
+                 damping: float = damage.OBS_DAMPING, normalizer=None, first_order: FirstOrder = "positive"):
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise InvalidArgumentError(f"damping={damping!r}; pass a non-negative number (γ in A + γ·mean(diag A)·I)")
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
@@ -277,7 +293,8 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
 
 class FisherDiagImportance(_ChannelImportance):
     """C-OBD: ``Σ (−Ḡ w + ½ w² F_diag)`` over the channel's weights (its column block on the
-    consumer side, its row on the producer side; ``first_order=False`` drops ``−Ḡ w``).
+    consumer side, its row on the producer side; ``first_order="off"`` drops ``−Ḡ w``,
+    ``"positive"`` keeps its positive part).
     ``fisher``: the result of :func:`tp_eigendamage.diag_fisher.collect_fisher_diag` or a
     zero-arg callable returning one.
     """
@@ -285,7 +302,7 @@ class FisherDiagImportance(_ChannelImportance):
     what = "FisherDiagStats"
 
     def __init__(self, fisher: FisherDiagSource, side: Side = "producer", *, normalizer=None,
-                 first_order: bool = True):
+                 first_order: FirstOrder = "positive"):
         super().__init__(fisher, side=side, normalizer=normalizer, first_order=first_order)
 
     def _operands(self, module, stats):
@@ -321,7 +338,7 @@ class EigenDamageImportance(KroneckerOBDImportance):
     """
 
     def __init__(self, stats: KFACSource, *, side: Side = "producer", normalizer=None,
-                 first_order: bool = True):
+                 first_order: FirstOrder = "positive"):
         super().__init__(stats, side, normalizer=normalizer, first_order=first_order)
         self._parts: Dict[nn.Module, Tuple[KFEBlock, str]] = {}
         self._parts_graph = None
@@ -439,4 +456,4 @@ class CombinedImportance(tp.importance.Importance):
                 raise InvalidArgumentError(f"{type(imp).__name__} returned {scores.numel()} scores for a "
                                  f"group where another criterion returned {total.numel()}")
             total = weight * scores if total is None else total + weight * scores.to(total.device)
-        return None if total is None else total.float()
+        return total

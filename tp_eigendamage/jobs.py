@@ -184,9 +184,9 @@ def _damage_check(report, stats_loss: Dict[str, float]) -> str:
     """The measured change of the loss on the statistics batches, next to the prediction."""
     change = stats_loss["after"] - stats_loss["before"]
     line = (f"training loss on the statistics batches: {stats_loss['before']:.4f} → "
-            f"{stats_loss['after']:.4f} (measured change {change:+.4f}")
+            f"{stats_loss['after']:.4f} (measured change {change:+.3g}")
     if report.loss_units:
-        line += f"; predicted by the damages: {report.predicted_damage:+.4f}"
+        line += f"; predicted by the damages: {report.predicted_damage:+.3g}"
     return line + ")"
 
 
