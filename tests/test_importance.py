@@ -48,6 +48,20 @@ def kron_score(stats, quad=kron_obd_quad, grads=None):
     return score
 
 
+def by_policy(second, first):
+    """Reference scores of each ``first_order`` policy from the two terms of the whole removal
+    (docs/method.md §4): the quadratic term alone, plus the first-order term, plus its positive part."""
+    return {"off": second, "signed": second + first, "positive": second + first.clamp_min(0)}
+
+
+def assert_policies(make, group, second, first, rtol=1e-4, atol=1e-9):
+    """Scores of ``make(first_order=...)`` for every policy against :func:`by_policy`; returns
+    how many channels have a negative first-order term (where the clamp acts)."""
+    for policy, want in by_policy(second, first).items():
+        torch.testing.assert_close(make(first_order=policy)(group).double(), want, rtol=rtol, atol=atol)
+    return int((first < 0).sum())
+
+
 def test_tiny_net_groups_cover_every_layer_kind(tiny):
     model, _, _, DG, groups = tiny
     kinds = {(item.dep.layer, member_kind(DG, item.dep)) for g in groups for item in g}
@@ -132,13 +146,14 @@ def test_kron_obs_matches_explicit_formula(tiny, side):
         return (g[rows] * delta).sum().item()
 
     quad = kron_score(stats, obs_quad)
-    second = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order="off")
-    both = KroneckerOBSImportance(stats, side=side, damping=gamma, first_order="signed")
+    negative_first_order = 0
     for group in groups:
-        torch.testing.assert_close(second(group).double(), group_reference(DG, group, quad, side),
-                                   rtol=1e-4, atol=1e-10)
-        ref = group_reference(DG, group, lambda *a: quad(*a) + obs_first(*a), side)
-        torch.testing.assert_close(both(group).double(), ref, rtol=1e-4, atol=1e-9)
+        second = group_reference(DG, group, quad, side)
+        assert second.abs().sum() > 0
+        negative_first_order += assert_policies(
+            lambda **policy: KroneckerOBSImportance(stats, side=side, damping=gamma, **policy),
+            group, second, group_reference(DG, group, obs_first, side))
+    assert negative_first_order > 0   # the clamp of "positive" was exercised
 
 
 class SharedLinear(nn.Module):
@@ -195,14 +210,14 @@ def test_fisher_diag_matches_per_example_gradients(tiny):
     for m in layers:
         torch.testing.assert_close(fisher.mean_grad(m).reshape(m.weight.shape).double(), grads[m],
                                    rtol=1e-4, atol=1e-8)
+    negative_first_order = 0
     for side in ("consumer", "producer"):
-        second = FisherDiagImportance(fisher, side=side, first_order="off")
-        both = FisherDiagImportance(fisher, side=side, first_order="signed")
         for group in groups:
-            torch.testing.assert_close(second(group).double(), group_reference(DG, group, score, side),
-                                       rtol=1e-4, atol=1e-12)
-            expected = group_reference(DG, group, lambda *a: score(*a) + first_order_ref(*a, grads), side)
-            torch.testing.assert_close(both(group).double(), expected, rtol=1e-4, atol=1e-9)
+            negative_first_order += assert_policies(
+                lambda **policy: FisherDiagImportance(fisher, side=side, **policy), group,
+                group_reference(DG, group, score, side),
+                group_reference(DG, group, lambda *a: first_order_ref(*a, grads), side))
+    assert negative_first_order > 0
 
 
 # -- EigenDamage on a hand-built KFE block ------------------------------------------------------
@@ -325,34 +340,37 @@ def test_eigendamage_after_pruning_outer_channels_uses_restricted_bases():
 def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
     """``block.mean_grad`` is ``∂L/∂W*`` (autograd on the rewritten model, data labels);
     damage_in / damage_out add ``−Σ Ḡ* ⊙ W*`` over the direction, also after directions are
-    pruned; the block's outer channels add ``−Σ Ḡ ⊙ w`` of the layer it replaced."""
+    pruned; the block's outer channels add ``−Σ Ḡ ⊙ w`` of the layer it replaced. Every
+    ``first_order`` policy applies to the term of the whole removal (all members of a group)."""
     model, batches = tiny_setup()
     before = mean_data_grads(model, batches)
     c1 = model.c1
     stats = collect_kfac(model, batches, progress=False)
     DG0, groups0 = groups_of(model, EXAMPLE, ignored=[model.head])
-    stem_ref = group_reference(DG0, group_with(DG0, groups0, model.stem, "out"),
-                               kron_score(stats, grads=before), "consumer")
+    stem_group0 = group_with(DG0, groups0, model.stem, "out")
+    stem_second = group_reference(DG0, stem_group0, kron_score(stats), "consumer")
+    stem_first = group_reference(DG0, stem_group0, lambda *a: first_order_ref(*a, before), "consumer")
     to_kfe(model, stats, modules=[c1])
     block = model.c1
     core_grad = mean_data_grads(model, batches)[block.core].flatten(2)
     torch.testing.assert_close(block.mean_grad.double(), core_grad, rtol=1e-4, atol=1e-8)
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    torch.testing.assert_close(EigenDamageImportance(stats, side="consumer", first_order="signed")(
-        group_with(DG, groups, model.stem, "out")).double(), stem_ref, rtol=1e-3, atol=1e-9)
+    negative_first_order = assert_policies(
+        lambda **policy: EigenDamageImportance(stats, side="consumer", **policy),
+        group_with(DG, groups, model.stem, "out"), stem_second, stem_first, rtol=1e-3)
     pruned = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
     pruned.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()
     pruned.get_pruning_group(block.core, tp.prune_conv_out_channels, [3]).prune()
     keep_in, keep_out = [j for j in range(8) if j not in (0, 5)], [i for i in range(8) if i != 3]
     W_star, fisher = block.core.weight.detach().double().flatten(2), block.fisher_diag.double()
-    per_weight = (0.5 * W_star.square().sum(-1) * fisher[keep_out][:, keep_in]
-                  - (W_star * core_grad[keep_out][:, keep_in]).sum(-1))
+    second = 0.5 * W_star.square().sum(-1) * fisher[keep_out][:, keep_in]
+    first = -(W_star * core_grad[keep_out][:, keep_in]).sum(-1)
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    imp = EigenDamageImportance(stats, first_order="signed")
-    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "in")).double(), per_weight.sum(0),
-                               rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(imp(group_with(DG, groups, block.core, "out")).double(), per_weight.sum(1),
-                               rtol=1e-4, atol=1e-9)
+    for kind, dim in (("in", 0), ("out", 1)):
+        negative_first_order += assert_policies(
+            lambda **policy: EigenDamageImportance(stats, **policy), group_with(DG, groups, block.core, kind),
+            second.sum(dim), first.sum(dim))
+    assert negative_first_order > 0
 
 
 def rebuilt_outer_scores(block, channels_in, directions_in, channels_out, directions_out):

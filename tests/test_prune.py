@@ -216,8 +216,8 @@ class DirectEigenDamage(ted.EigenDamageImportance):
                        for role in ("rotate_in", "rotate_out")}
 
     def _member_damage(self, module, reads, writes, side, stats):
-        from tp_eigendamage import damage
         from tp_eigendamage._basis_matching import exact_indices
+        from tp_eigendamage.damage import DamageTerms
 
         block, role = self.blocks.get(module, (None, None))
         if role is None or not ((role == "rotate_in" and reads and side == "consumer")
@@ -227,13 +227,17 @@ class DirectEigenDamage(ted.EigenDamageImportance):
         channels_in, _ = exact_indices(R_in.T, block.basis_in)
         channels_out, _ = exact_indices(R_out, block.basis_out)
         core = block.core.weight.detach().double().flatten(2)
-        w = torch.einsum("or,rsk,si->oik", R_out.double(), core, R_in.double())[None]
+        w = torch.einsum("or,rsk,si->oik", R_out.double(), core, R_in.double())
         B, D = block.basis_in.double()[channels_in], block.basis_out.double()[channels_out]
         A = (B * block.eigen_in.double()) @ B.T
         S = (D * block.eigen_out.double()) @ D.T
-        mean_grad = self._first_order(block.mean_grad)   # None while the second-order part is scored
-        G = None if mean_grad is None else torch.einsum("or,rsk,is->oik", D, mean_grad.double(), B)[None]
-        return (damage.kron_in_damage if role == "rotate_in" else damage.kron_out_damage)(w, A[None], S[None], G)
+        mean_grad = self._first_order(block.mean_grad)
+        G = None if mean_grad is None else torch.einsum("or,rsk,is->oik", D, mean_grad.double(), B)
+        if role == "rotate_in":   # ½ A_jj Σ_k w_:,j,kᵀ S w_:,j,k and −Σ Ḡ ⊙ w over input channel j
+            return DamageTerms(0.5 * A.diagonal() * torch.einsum("ojk,op,pjk->j", w, S, w),
+                               None if G is None else -(G * w).sum((0, 2)))
+        return DamageTerms(0.5 * S.diagonal() * torch.einsum("ijk,jl,ilk->i", w, A, w),
+                           None if G is None else -(G * w).sum((1, 2)))
 
 
 @pytest.mark.parametrize("side", ["producer", "consumer"])

@@ -16,6 +16,7 @@ Public API (the method: docs/method.md):
 """
 from ._version import __version__
 from .budget import Cost
+from .combined import CombinedImportance
 from .damage import obs_compensation, obs_damage
 from .diag_fisher import FisherDiagStats, collect_fisher_diag
 from .ekfac import fit_eigen_correction
@@ -26,8 +27,8 @@ from .fisher import (WeightedTargets, cross_entropy, gaussian_nll, importance_sa
                      sample_categorical, sample_gaussian)
 from .forms import TwoLayerForm
 from .fusion import fuse_for_inference
-from .importance import (CombinedImportance, EigenDamageImportance, FisherDiagImportance,
-                         KroneckerOBDImportance, KroneckerOBSImportance)
+from .importance import (EigenDamageImportance, FisherDiagImportance, KroneckerOBDImportance,
+                         KroneckerOBSImportance)
 from .io import load, save
 from .kfac import KFACFactors, KFACStats, collect_kfac
 from .kfe import fold_kfe, kfe_blocks, to_cheapest_forms, to_kfe

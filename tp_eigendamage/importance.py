@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,7 @@ import torch_pruning as tp
 
 from . import _tp, damage
 from ._options import FIRST_ORDERS, SIDES, FirstOrder, Side, check_choice
+from .damage import DamageTerms
 from .diag_fisher import FisherDiagStats
 from .errors import InvalidArgumentError, StaleStatisticsError
 from .kfac import KFACStats
@@ -47,10 +48,9 @@ from .kfe_block import KFEBlock
 from .layers import adapter_for
 
 __all__ = ["EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
-           "FisherDiagImportance", "CombinedImportance"]
+           "FisherDiagImportance"]
 
 NORMALIZERS = (None, "mean", "sum", "max")
-COMBINE_NORMALIZERS = ("rank", "sum", None)
 
 #: Statistics, or a zero-argument callable returning fresh ones.
 KFACSource = Union[KFACStats, Callable[[], KFACStats]]
@@ -129,14 +129,13 @@ class _ChannelImportance(tp.importance.Importance):
         check_choice(first_order, "first_order", FIRST_ORDERS, hint="'positive': the positive part of "
                      "−Ḡ·w (default); 'signed': −Ḡ·w as it is; 'off': second order only")
         self.side, self.normalizer, self.first_order = side, normalizer, first_order
-        self._second_order_only = False
         self._statistics = _Statistics(stats, self.what)
         self._warned_no_gradient = False
 
     def _first_order(self, mean_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``mean_grad`` if the first-order term is on (``None`` = second order only); warns once
         when the statistics hold no mean gradient."""
-        if self.first_order == "off" or self._second_order_only:
+        if self.first_order == "off":
             return None
         if mean_grad is None and not self._warned_no_gradient:
             self._warned_no_gradient = True
@@ -155,14 +154,14 @@ class _ChannelImportance(tp.importance.Importance):
         """Modules whose statistics are never used (skipped by the staleness check)."""
         return set()
 
-    def _in_damage(self, module: nn.Module, stats) -> torch.Tensor:
+    def _in_damage(self, module: nn.Module, stats) -> DamageTerms:
         raise NotImplementedError
 
-    def _out_damage(self, module: nn.Module, stats) -> torch.Tensor:
+    def _out_damage(self, module: nn.Module, stats) -> DamageTerms:
         raise NotImplementedError
 
-    def _member_damage(self, module, reads: bool, writes: bool, side: str, stats):
-        """Damage over all channels of ``module`` for this member, or ``None``."""
+    def _member_damage(self, module, reads: bool, writes: bool, side: str, stats) -> Optional[DamageTerms]:
+        """Damage terms over all channels of ``module`` for this member, or ``None``."""
         if side == "consumer" and reads and not writes:
             return self._in_damage(module, stats)
         if side == "producer" and writes:
@@ -185,25 +184,23 @@ class _ChannelImportance(tp.importance.Importance):
     def _score(self, group, stats) -> Optional[torch.Tensor]:
         """Per root channel: ``second + first`` (``"signed"``), ``second + max(first, 0)``
         (``"positive"``) or ``second`` (``"off"``), ``first`` the first-order term of the whole
-        removal (all members), ``second`` its quadratic term."""
+        removal (all members), ``second`` its quadratic term; both from one pass over the members."""
         for side in (self.side, SIDES[1 - SIDES.index(self.side)]):
-            scores = self._sum_members(group, side, stats)
-            if scores is None:
+            terms = self._sum_members(group, side, stats)
+            if terms is None:
                 continue
-            if self.first_order == "positive":
-                self._second_order_only = True
-                try:
-                    second = self._sum_members(group, side, stats)
-                finally:
-                    self._second_order_only = False
-                scores = second + (scores - second).clamp_min(0)
-            return scores.float()
+            second, first = terms
+            if first is not None:
+                second = second + (first.clamp_min(0) if self.first_order == "positive" else first)
+            return second.float()
         return None
 
-    def _sum_members(self, group, side: str, stats) -> Optional[torch.Tensor]:
+    def _sum_members(self, group, side: str, stats) -> Optional[DamageTerms]:
+        """Both terms summed over the group's members on ``side`` per root channel (``first``
+        ``None`` if no member has one), or ``None`` without such members."""
         entries = list(_tp.members(group))
         position = {r: p for p, r in enumerate(entries[0].root_idxs)}
-        total = None
+        second = first = None
         for entry in entries:
             module = entry.layer
             if adapter_for(module) is None:
@@ -211,13 +208,18 @@ class _ChannelImportance(tp.importance.Importance):
             member = self._member_damage(module, entry.is_in_channel, entry.is_out_channel, side, stats)
             if member is None:
                 continue
+            device = member.second.device
+            if second is None:
+                second = torch.zeros(len(position), dtype=torch.float64, device=device)
+            if member.first is not None and first is None:
+                first = torch.zeros(len(position), dtype=torch.float64, device=device)
             pairs = [(position[r], i) for r, i in zip(entry.root_idxs, entry.idxs) if r is not None]
-            if total is None:
-                total = torch.zeros(len(position), dtype=torch.float64, device=member.device)
             if pairs:
-                rows, cols = (torch.as_tensor(v, device=member.device) for v in zip(*pairs))
-                total.index_add_(0, rows, member[cols])
-        return total
+                rows, cols = (torch.as_tensor(v, device=device) for v in zip(*pairs))
+                second.index_add_(0, rows, member.second[cols])
+                if member.first is not None:
+                    first.index_add_(0, rows, member.first[cols])
+        return None if second is None else DamageTerms(second, first)
 
 
 class KroneckerOBDImportance(_ChannelImportance):
@@ -248,18 +250,21 @@ class KroneckerOBDImportance(_ChannelImportance):
         return f.weight_blocks(module), f.input_blocks, f.grad_blocks, self._first_order(f.mean_grad)
 
     @staticmethod
-    def _per_input(module, stats, per_channel: torch.Tensor) -> torch.Tensor:
-        """Input damages per input of ``module``: a Linear with channel-structured factors
-        spreads each channel's damage evenly over its flattened inputs (Torch-Pruning removes
+    def _per_input(module, stats, per_channel: DamageTerms) -> DamageTerms:
+        """Input damage terms per input of ``module``: a Linear with channel-structured factors
+        spreads each channel's terms evenly over its flattened inputs (Torch-Pruning removes
         them together, so a group's sum is the channel's damage)."""
         positions = stats[module].flattened_positions
-        return per_channel if positions == 1 else per_channel.repeat_interleave(positions) / positions
+        if positions == 1:
+            return per_channel
+        return DamageTerms(*(None if t is None else t.repeat_interleave(positions) / positions
+                             for t in per_channel))
 
     def _in_damage(self, module, stats):
-        return self._per_input(module, stats, damage.kron_in_damage(*self._curvature(module, stats)))
+        return self._per_input(module, stats, damage.kron_in_terms(*self._curvature(module, stats)))
 
     def _out_damage(self, module, stats):
-        return damage.kron_out_damage(*self._curvature(module, stats))
+        return damage.kron_out_terms(*self._curvature(module, stats))
 
 
 class KroneckerOBSImportance(KroneckerOBDImportance):
@@ -284,11 +289,11 @@ class KroneckerOBSImportance(KroneckerOBDImportance):
 
     def _in_damage(self, module, stats):
         w, A, S, mean_grad = self._curvature(module, stats)
-        return self._per_input(module, stats, damage.obs_in_damage(w, A, S, self.damping, mean_grad))
+        return self._per_input(module, stats, damage.obs_in_terms(w, A, S, self.damping, mean_grad))
 
     def _out_damage(self, module, stats):
         w, A, S, mean_grad = self._curvature(module, stats)
-        return damage.obs_out_damage(w, A, S, self.damping, mean_grad)
+        return damage.obs_out_terms(w, A, S, self.damping, mean_grad)
 
 
 class FisherDiagImportance(_ChannelImportance):
@@ -310,10 +315,10 @@ class FisherDiagImportance(_ChannelImportance):
                 self._first_order(stats.mean_grad(module)))
 
     def _in_damage(self, module, stats):
-        return damage.diag_in_damage(*self._operands(module, stats))
+        return damage.diag_in_terms(*self._operands(module, stats))
 
     def _out_damage(self, module, stats):
-        return damage.diag_out_damage(*self._operands(module, stats))
+        return damage.diag_out_terms(*self._operands(module, stats))
 
 
 class EigenDamageImportance(KroneckerOBDImportance):
@@ -358,102 +363,25 @@ class EigenDamageImportance(KroneckerOBDImportance):
             return super()._member_damage(module, reads, writes, side, stats)
         block, role = part
         if role == "core":
-            damage_in, damage_out = self._eigen_damages(block)
-            return damage_in if reads else damage_out
+            terms_in, terms_out = self._eigen_terms(block)
+            return terms_in if reads else terms_out
         if role == "rotate_in" and reads and side == "consumer":
-            return damage.kron_in_damage(*self._outer_operands(block, "input"))
+            return damage.kron_in_terms(*self._outer_operands(block, "input"))
         if role == "rotate_out" and writes and side == "producer":
-            return damage.kron_out_damage(*self._outer_operands(block, "output"))
+            return damage.kron_out_terms(*self._outer_operands(block, "output"))
         return None
 
-    def _eigen_damages(self, block: KFEBlock):
+    def _eigen_terms(self, block: KFEBlock) -> Tuple[DamageTerms, DamageTerms]:
         core = adapter_for(block.core).weight_blocks(block.core)
         in_idx, out_idx = block.surviving_directions()
         mean_grad = self._first_order(block.mean_grad)
         removal = (None if block.removal_fisher_in is None else
                    (block.removal_fisher_in[in_idx], block.removal_fisher_out[out_idx]))
-        return damage.eigen_damages(core[0], block.fisher_diag[out_idx][:, in_idx],
-                                    None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
+        return damage.eigen_terms(core[0], block.fisher_diag[out_idx][:, in_idx],
+                                  None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
 
     def _outer_operands(self, block: KFEBlock, side: str):
         """``(w, A, S, Ḡ)`` of the block's outer ``side`` channels, the block taken as one layer
         (:meth:`KFEBlock.outer_kron_operands`); ``Ḡ`` only if the first-order term is on."""
         *operands, mean_grad = block.outer_kron_operands(side)
         return (*operands, self._first_order(mean_grad))
-
-
-# -- mixing criteria --------------------------------------------------------------------------
-def _rank01(scores: torch.Tensor) -> torch.Tensor:
-    """Ranks in ``[0, 1]`` (ties share their mean rank); a single channel gets 1."""
-    n = scores.numel()
-    if n == 1:
-        return torch.ones_like(scores, dtype=torch.float64)
-    order = scores.double().argsort()
-    ranks = torch.empty(n, dtype=torch.float64, device=scores.device)
-    ranks[order] = torch.arange(n, dtype=torch.float64, device=scores.device)
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    mean_rank = torch.zeros(len(uniq), dtype=torch.float64, device=scores.device).index_add_(0, inverse, ranks)
-    mean_rank /= torch.bincount(inverse, minlength=len(uniq))
-    return mean_rank[inverse] / (n - 1)
-
-
-class CombinedImportance(tp.importance.Importance):
-    """Weighted mix ``Σ_c w_c · norm(score_c)`` of any Torch-Pruning ``Importance`` objects.
-
-    ``normalize``:
-
-    * ``"rank"`` (default): each criterion's scores become their ranks within the group scaled
-      to ``[0, 1]`` — criteria with unrelated units (loss, weight norms) mix on equal terms. A
-      rank carries no information ACROSS groups, so with ``global_pruning=True`` every group
-      gets the same score spread and loses about the same fraction of channels (like local
-      pruning); let the pruner's ratios / caps set per-layer budgets.
-    * ``"sum"``: each criterion divided by its sum over the group (shares, same caveat).
-    * ``None``: raw weighted sum — for criteria that share a unit (EigenDamage, Kron-OBD,
-      Kron-OBS and C-OBD are all in loss units), which keeps global ranking meaningful.
-
-    Criteria returning ``None`` for a group (nothing they can score) are left out of that
-    group; if every criterion skips it, the result is ``None``.
-    """
-
-    def __init__(self, criteria: Sequence[Tuple[tp.importance.Importance, float]], normalize="rank"):
-        check_choice(normalize, "normalize", COMBINE_NORMALIZERS)
-        criteria = list(criteria)
-        if not criteria:
-            raise InvalidArgumentError("CombinedImportance needs at least one (importance, weight) pair")
-        for entry in criteria:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-                raise InvalidArgumentError(f"each criterion must be an (importance, weight) pair, "
-                                           f"got {entry!r}")
-            imp, weight = entry
-            if not isinstance(imp, tp.importance.Importance):
-                raise InvalidArgumentError(f"{type(imp).__name__} is not a torch_pruning Importance; "
-                                           "wrap custom scores in a tp.importance.Importance subclass")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise InvalidArgumentError(f"weight {weight!r} of {type(imp).__name__} must be a "
-                                           "non-negative number")
-        if not any(weight > 0 for _, weight in criteria):
-            raise InvalidArgumentError("all weights are zero; give at least one criterion a "
-                                       "positive weight")
-        self.criteria, self.normalize = [(imp, float(w)) for imp, w in criteria], normalize
-
-    def _norm(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "rank":
-            return _rank01(scores)
-        scores = scores.double()
-        if self.normalize == "sum":
-            return scores / scores.sum().abs().clamp_min(torch.finfo(scores.dtype).tiny)
-        return scores
-
-    @torch.no_grad()
-    def __call__(self, group) -> Optional[torch.Tensor]:
-        total = None
-        for imp, weight in self.criteria:
-            scores = imp(group)
-            if scores is None:
-                continue
-            scores = self._norm(scores.reshape(-1))
-            if total is not None and scores.shape != total.shape:
-                raise InvalidArgumentError(f"{type(imp).__name__} returned {scores.numel()} scores for a "
-                                 f"group where another criterion returned {total.numel()}")
-            total = weight * scores if total is None else total + weight * scores.to(total.device)
-        return total
