@@ -419,7 +419,8 @@ def test_outer_channel_scores_of_rewritten_blocks_match_the_full_rebuild():
     """Blocks from to_kfe score their outer channels from the eigenbasis without forming the
     block's weight and factors (fast while untouched; general after outer channels go or a
     re-rotation): the same numbers as forming ``w = R_out W* R_in``, ``A`` and ``S`` in full,
-    and, while untouched, as Kron-OBD of the layer the block replaced."""
+    and, while untouched, as Kron-OBD of the layer the block replaced (not any more once its
+    core changed in place)."""
     from tp_eigendamage import to_kfe
 
     torch.manual_seed(0)
@@ -439,6 +440,9 @@ def test_outer_channel_scores_of_rewritten_blocks_match_the_full_rebuild():
 
     for got, want in zip(check(every, every, every, every), plain):           # untouched
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9 * float(want.abs().max()))
+    with torch.no_grad():   # the core changed in place (e.g. fine-tuned): the block is no longer the layer
+        block.core.weight.mul_(1.5)
+    check(every, every, every, every)
     kept = lambda removed: [i for i in every if i not in removed]   # noqa: E731
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE)
     DG.get_pruning_group(block.rotate_in, tp.prune_conv_out_channels, [0, 5]).prune()    # directions

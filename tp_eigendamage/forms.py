@@ -37,9 +37,10 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .kfe_block import KFEBlock, _load_weight, _matrix, layer_like, weight_3d
+from .kfe_block import KFEBlock
 from .latency import measure_latency
 from .layers import adapter_for
+from .plain_layers import layer_like, load_weight, rotation_matrix, weight_3d
 
 __all__ = ["FORMS", "FORM_LAYERS", "COSTS", "TwoLayerForm", "form_module", "form_macs", "cheapest",
            "FormLatencies"]
@@ -82,7 +83,7 @@ class TwoLayerForm(nn.Module):
 
 
 def _with_weight(layer: nn.Module, value: torch.Tensor) -> nn.Module:
-    _load_weight(layer, value)
+    load_weight(layer, value)
     return layer
 
 
@@ -101,7 +102,8 @@ def form_module(block: KFEBlock, form: str) -> nn.Module:
         return block
     if form == "dense":
         return block.fold()
-    R_in, R_out, core = _matrix(block.rotate_in), _matrix(block.rotate_out), weight_3d(block.core)
+    R_in, R_out = rotation_matrix(block.rotate_in), rotation_matrix(block.rotate_out)
+    core = weight_3d(block.core)
     (r_in, c_in), (c_out, r_out) = R_in.shape, R_out.shape
     bias = block.rotate_out.bias is not None
     if form == "in_merged":

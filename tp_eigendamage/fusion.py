@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import _tp
 from ._surgery import module_places, replace_module
 from .batches import Inputs, default_forward_fn
-from .kfe_block import is_plain_layer
+from .plain_layers import is_plain_layer
 
 __all__ = ["fuse_for_inference", "fusable_pairs"]
 

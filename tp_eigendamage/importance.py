@@ -366,9 +366,9 @@ class EigenDamageImportance(KroneckerOBDImportance):
             terms_in, terms_out = self._eigen_terms(block)
             return terms_in if reads else terms_out
         if role == "rotate_in" and reads and side == "consumer":
-            return damage.kron_in_terms(*self._outer_operands(block, "input"))
+            return self._outer_terms(block, "input")
         if role == "rotate_out" and writes and side == "producer":
-            return damage.kron_out_terms(*self._outer_operands(block, "output"))
+            return self._outer_terms(block, "output")
         return None
 
     def _eigen_terms(self, block: KFEBlock) -> Tuple[DamageTerms, DamageTerms]:
@@ -380,8 +380,8 @@ class EigenDamageImportance(KroneckerOBDImportance):
         return damage.eigen_terms(core[0], block.fisher_diag[out_idx][:, in_idx],
                                   None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
 
-    def _outer_operands(self, block: KFEBlock, side: str):
-        """``(w, A, S, Ḡ)`` of the block's outer ``side`` channels, the block taken as one layer
-        (:meth:`KFEBlock.outer_kron_operands`); ``Ḡ`` only if the first-order term is on."""
-        *operands, mean_grad = block.outer_kron_operands(side)
-        return (*operands, self._first_order(mean_grad))
+    def _outer_terms(self, block: KFEBlock, side: str) -> DamageTerms:
+        """Kron-OBD terms of the block's outer ``side`` channels, the block taken as one layer
+        (:meth:`KFEBlock.outer_kron_terms`); the first-order term only if it is on."""
+        terms = block.outer_kron_terms(side)
+        return DamageTerms(terms.second, self._first_order(terms.first))

@@ -31,8 +31,9 @@ from .errors import KFEError, StaleStatisticsError
 from .forms import COSTS, FORMS, FormLatencies, cheapest, form_macs, form_module
 from .heads import classifier_layers
 from .kfac import KFACStats
-from .kfe_block import KFEBlock, is_plain_layer
+from .kfe_block import KFEBlock
 from .layers import adapter_for
+from .plain_layers import is_plain_layer
 
 __all__ = ["to_kfe", "fold_kfe", "to_cheapest_forms", "kfe_blocks", "kfe_part", "kfe_targets", "ModuleRef"]
 

@@ -19,91 +19,54 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._basis_matching import exact_indices
+from .damage import DamageTerms, kron_in_terms, kron_out_terms
 from .errors import StaleBasisError
 from .layers import adapter_for
+from .plain_layers import layer_like, load_weight, rotation_matrix, weight_3d
 
-__all__ = ["KFEBlock", "Survivors", "is_plain_layer", "layer_like", "weight_3d"]
-
-
-# -- plain layers -----------------------------------------------------------------------------
-_PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
+__all__ = ["KFEBlock", "Survivors"]
 
 
-def is_plain_layer(module: nn.Module) -> bool:
-    """``nn.Conv2d`` / ``nn.Linear`` (or a subclass keeping their forward), so ``y = W ⋆ x + b``.
-
-    Subclasses that change the forward (timm's ``Conv2dSame``, ``StdConv2d``, ...) compute
-    something else than ``W ⋆ x`` and cannot be rotated exactly.
-    """
-    cls = type(module)
-    return (cls.forward in _PLAIN_FORWARDS
-            and getattr(cls, "_conv_forward", nn.Conv2d._conv_forward) is nn.Conv2d._conv_forward)
-
-
-def layer_like(like: nn.Module, in_features: int, out_features: int, *, bias: bool,
-               pointwise: bool = False) -> nn.Module:
-    """A fresh plain layer of ``like``'s kind, device, dtype, mode and ``requires_grad``, weights unset.
-
-    ``pointwise=True`` gives the rotation layer (1×1 conv / linear). Otherwise a conv keeps
-    ``like``'s kernel size, stride, padding (string padding included), dilation and padding mode.
-    """
-    layer = adapter_for(like).empty_layer(like, in_features, out_features, bias=bias, pointwise=pointwise)
-    layer.requires_grad_(like.weight.requires_grad)
-    return layer.train(like.training)
-
-
-def weight_3d(layer: nn.Module) -> torch.Tensor:
-    """The weight of an ungrouped layer as ``(out, in, K)`` float64 (K kernel offsets, 1 for Linear)."""
-    return adapter_for(layer).weight_blocks(layer)[0].detach().double()
-
-
-def _mean_grad_3d(factors) -> Optional[torch.Tensor]:
-    """The ungrouped layer's mean data-label gradient as ``(out, in, K)``, or ``None``."""
+def _mean_grad_in_kfe(eigen, factors) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:func:`_in_kfe` of the ungrouped layer's mean data-label gradient ``(out, in, K)``, or
+    ``(None, None)`` without one."""
     mean_grad = factors.mean_grad
-    return None if mean_grad is None else mean_grad[0]
+    return (None, None) if mean_grad is None else _in_kfe(eigen, mean_grad[0])
 
 
-def _load_weight(layer: nn.Module, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer.weight.copy_(value.reshape(layer.weight.shape))
-
-
-def _matrix(layer: nn.Module) -> torch.Tensor:
-    """A rotation layer's weight as an ``(out, in)`` float64 matrix."""
-    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
-
-
-def _in_kfe(eigen, W: torch.Tensor) -> torch.Tensor:
-    """``Q_Sᵀ W_k Q_A`` for every kernel offset k of an ``(out, in, K)`` tensor (float64)."""
+def _in_kfe(eigen, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(Q_Sᵀ W_k Q_A, W_k Q_A)`` for every kernel offset k of an ``(out, in, K)`` tensor
+    (float64): the tensor in the KFE, and on the way its input side in the eigenbasis of ``A``."""
     _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
-    return torch.einsum("so,sik,ij->ojk", q_s, W.double(), q_a)
+    input_side = torch.einsum("sik,ij->sjk", W.double(), q_a)
+    return torch.einsum("so,sjk->ojk", q_s, input_side), input_side
 def _rows(basis: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``basis[rows]`` in float64 (no gather when ``rows`` are all of them, in order)."""
     in_order = len(rows) == basis.shape[0] and torch.equal(rows, torch.arange(len(rows), device=rows.device))
     return basis.double() if in_order else basis[rows].double()
 
 
-def _rotated(eigen, W, R_in=None, R_out=None):
-    """Rotate ``R_out · W · R_in`` into the eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` of the core.
+def _rotated(eigen, W_kfe, R_in=None, R_out=None):
+    """Rotate ``R_out · W · R_in`` into the eigenbases ``(λ_A, Q_A, λ_S, Q_S)`` of the core,
+    given ``W_kfe = Q_Sᵀ W_k Q_A`` (:func:`_in_kfe`).
 
     Returns ``(Q_Aᵀ R_in, Q_Sᵀ W_k Q_A, R_out Q_S)``; ``R = None`` means the identity. The
     product of the three is unchanged because ``Q_A`` and ``Q_S`` are orthogonal.
     """
-    _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
-    return (q_a.T if R_in is None else q_a.T @ R_in), _in_kfe(eigen, W), (q_s if R_out is None else R_out @ q_s)
+    _, q_a, _, q_s = (t.to(W_kfe.device, torch.float64) for t in eigen)
+    return (q_a.T if R_in is None else q_a.T @ R_in), W_kfe, (q_s if R_out is None else R_out @ q_s)
 
 
-def _buffers(eigen, R_in, R_out, like: torch.Tensor, mean_grad: Optional[torch.Tensor]):
+def _buffers(eigen, R_in, R_out, like: torch.Tensor, mean_grad_kfe: Optional[torch.Tensor]):
     """``(eigen_in, eigen_out, basis_in, basis_out, fisher_diag, mean_grad)`` of a freshly
     rotated block.
 
     ``basis_in = R_inᵀ`` and ``basis_out = R_out`` (the current directions), ``fisher_diag =
-    λ_S λ_Aᵀ``, ``mean_grad = Q_Sᵀ Ḡ_k Q_A`` from the layer's mean data-label gradient ``Ḡ``
-    ``(out, in, K)`` (``None`` stays ``None``); on ``like``'s device and dtype.
+    λ_S λ_Aᵀ``, ``mean_grad = Q_Sᵀ Ḡ_k Q_A`` given (the layer's mean data-label gradient in the
+    KFE, :func:`_mean_grad_in_kfe`; ``None`` stays ``None``); on ``like``'s device and dtype.
     """
     lam_a, _, lam_s, _ = eigen
-    rotated = (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a),
-               None if mean_grad is None else _in_kfe(eigen, mean_grad))
+    rotated = (lam_a, lam_s, R_in.T, R_out, torch.outer(lam_s, lam_a), mean_grad_kfe)
     return tuple(None if t is None else t.detach().to(like.device, like.dtype).contiguous() for t in rotated)
 
 
@@ -133,6 +96,21 @@ class _Lookup(NamedTuple):
 # basis was replaced (Torch-Pruning) or changed in place (training). Kept outside the module
 # so that copies and pickles of a block start without one.
 _LOOKUPS: "weakref.WeakKeyDictionary[nn.Module, _Lookup]" = weakref.WeakKeyDictionary()
+
+# block → (watched tensors, Kron-OBD terms of its outputs) set when it is built from a layer
+# (:meth:`KFEBlock.outer_kron_terms`); kept outside the module like ``_LOOKUPS``.
+_OUTPUT_TERMS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _watch(tensors) -> tuple:
+    """Weak references to ``tensors`` (``None`` entries allowed) and their versions."""
+    return tuple((None, None) if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+
+def _unchanged(watched: tuple, tensors) -> bool:
+    """``tensors`` are the very tensors :func:`_watch` saw, not changed in place since."""
+    return all((ref is None and t is None) or (ref is not None and ref() is t and t._version == version)
+               for (ref, version), t in zip(watched, tensors))
 
 
 # -- the block --------------------------------------------------------------------------------
@@ -189,17 +167,20 @@ class KFEBlock(nn.Module):
         out_f, in_f = layer.weight.shape[:2]
         has_bias = getattr(layer, "bias", None) is not None
         eigen = factors.eigen()
-        weights = _rotated(eigen, weight_3d(layer))
+        core, weight_a = _in_kfe(eigen, weight_3d(layer))
+        mean_grad, mean_grad_a = _mean_grad_in_kfe(eigen, factors)
+        weights = _rotated(eigen, core)
         blk = cls(layer_like(layer, in_f, in_f, bias=False, pointwise=True),
                   layer_like(layer, in_f, out_f, bias=False),
                   layer_like(layer, out_f, out_f, bias=has_bias, pointwise=True),
-                  *_buffers(eigen, weights[0], weights[2], layer.weight, _mean_grad_3d(factors)))
+                  *_buffers(eigen, weights[0], weights[2], layer.weight, mean_grad))
         blk.training = layer.training
         blk._load(weights)
         if has_bias:
             with torch.no_grad():
                 blk.rotate_out.bias.copy_(layer.bias)
         blk._remember_as_set((True, True))   # the bases are the eigenvectors Q_A, Q_S
+        blk._remember_output_terms(eigen, weight_a, mean_grad_a)
         return blk
 
     def forward(self, x):
@@ -351,22 +332,50 @@ class KFEBlock(nn.Module):
         grad = None if self.mean_grad is None else self.mean_grad.double()
         B, D = _rows(self.basis_in, s.channels_in), _rows(self.basis_out, s.channels_out)
         if side == "output":
-            V = torch.einsum("or,rsk->osk", _matrix(self.rotate_out), core)
+            V = torch.einsum("or,rsk->osk", rotation_matrix(self.rotate_out), core)
             if lookup.exact and lookup.orthonormal[0] and len(s.channels_in) == self.basis_in.shape[0]:
                 lam_a = lam_a[s.directions_in]
                 grad = None if grad is None else grad[:, s.directions_in]
             else:
-                V = torch.einsum("osk,st->otk", V, _matrix(self.rotate_in) @ B)
+                V = torch.einsum("osk,st->otk", V, rotation_matrix(self.rotate_in) @ B)
             grad = None if grad is None else torch.einsum("or,rsk->osk", D, grad)[None]
             return V[None], lam_a[None], (D.square() @ lam_s)[None], grad
-        U = torch.einsum("rsk,si->rik", core, _matrix(self.rotate_in))
+        U = torch.einsum("rsk,si->rik", core, rotation_matrix(self.rotate_in))
         if lookup.exact and lookup.orthonormal[1] and len(s.channels_out) == self.basis_out.shape[0]:
             lam_s = lam_s[s.directions_out]
             grad = None if grad is None else grad[s.directions_out]
         else:
-            U = torch.einsum("or,rik->oik", D.T @ _matrix(self.rotate_out), U)
+            U = torch.einsum("or,rik->oik", D.T @ rotation_matrix(self.rotate_out), U)
         grad = None if grad is None else torch.einsum("rsk,js->rjk", grad, B)[None]
         return U[None], (B.square() @ lam_a)[None], lam_s[None], grad
+
+    def outer_kron_terms(self, side: str) -> DamageTerms:
+        """Kron-OBD terms (:func:`~tp_eigendamage.damage.kron_in_terms` / ``kron_out_terms``) of
+        the block's outer ``"input"`` or ``"output"`` channels, the block taken as one layer
+        (:meth:`outer_kron_operands`).
+
+        A block built from a layer is that layer until something changes, so the terms of its
+        outputs are the layer's own, ``½ S_cc Σ_jk (W Q_A)²_cjk λ_A,j`` and ``−Σ_jk Ḡ_cjk W_cjk``
+        (``Ḡ_k Q_A`` pairs with ``W_k Q_A``): computed when the block is built, from ``W Q_A``
+        and ``Ḡ Q_A`` (on the way to ``W*`` and ``Ḡ*``), and used while the block's weights
+        and buffers are the same tensors, unchanged."""
+        if side == "output":
+            built = _OUTPUT_TERMS.get(self)
+            if built is not None and _unchanged(built[0], self._output_terms_inputs()):
+                return built[1]
+        return (kron_out_terms if side == "output" else kron_in_terms)(*self.outer_kron_operands(side))
+
+    def _output_terms_inputs(self) -> Tuple[Optional[torch.Tensor], ...]:
+        return (self.rotate_in.weight, self.core.weight, self.rotate_out.weight, self.basis_in,
+                self.basis_out, self.eigen_in, self.eigen_out, self.mean_grad)
+
+    def _remember_output_terms(self, eigen, weight_a: torch.Tensor, mean_grad_a: Optional[torch.Tensor]) -> None:
+        """Kron-OBD terms of the outputs of the layer the block was just built from (see
+        :meth:`outer_kron_terms`), from ``W Q_A`` and ``Ḡ Q_A``."""
+        lam_a, _, lam_s, q_s = (t.to(weight_a.device, torch.float64) for t in eigen)
+        terms = kron_out_terms(weight_a[None], lam_a[None], (q_s.square() @ lam_s)[None],
+                               None if mean_grad_a is None else mean_grad_a[None])
+        _OUTPUT_TERMS[self] = (_watch(self._output_terms_inputs()), terms)
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
@@ -375,11 +384,12 @@ class KFEBlock(nn.Module):
         rotation layers (``R_in ← Q_A,newᵀ R_in``, ``R_out ← R_out Q_S,new``) and the core
         becomes ``Q_S,newᵀ W* Q_A,new``: same function, still three stages (docs/method.md §7).
         """
-        return _rotated(eigen, weight_3d(self.core), _matrix(self.rotate_in), _matrix(self.rotate_out))
+        return _rotated(eigen, _in_kfe(eigen, weight_3d(self.core))[0], rotation_matrix(self.rotate_in),
+                        rotation_matrix(self.rotate_out))
 
     def _load(self, weights) -> None:
         for layer, value in zip((self.rotate_in, self.core, self.rotate_out), weights):
-            _load_weight(layer, value)
+            load_weight(layer, value)
 
     def _set_rotation(self, factors, *weights) -> None:
         """Load rotated ``(R_in, W*, R_out)`` and re-base every buffer on the current directions
@@ -394,7 +404,7 @@ class KFEBlock(nn.Module):
         self._load(weights)
         (self.eigen_in, self.eigen_out, self.basis_in, self.basis_out, self.fisher_diag,
          self.mean_grad) = _buffers(factors.eigen(), weights[0], weights[2], self.core.weight,
-                                    _mean_grad_3d(factors))
+                                    _mean_grad_in_kfe(factors.eigen(), factors)[0])
         self.removal_fisher_in = self.removal_fisher_out = None
         self.eigen_corrected = False
         self._remember_as_set(orthonormal)
@@ -411,9 +421,9 @@ class KFEBlock(nn.Module):
 
     def fold(self) -> nn.Module:
         """One dense layer with weight ``W'_k = R_out W*_k R_in`` (per kernel offset) and the bias."""
-        R_in, R_out = _matrix(self.rotate_in), _matrix(self.rotate_out)
+        R_in, R_out = rotation_matrix(self.rotate_in), rotation_matrix(self.rotate_out)
         dense = layer_like(self.core, R_in.shape[1], R_out.shape[0], bias=self.rotate_out.bias is not None)
-        _load_weight(dense, torch.einsum("or,rsk,si->oik", R_out, weight_3d(self.core), R_in))
+        load_weight(dense, torch.einsum("or,rsk,si->oik", R_out, weight_3d(self.core), R_in))
         if dense.bias is not None:
             with torch.no_grad():
                 dense.bias.copy_(self.rotate_out.bias)
