@@ -23,7 +23,7 @@ from .batches import batch_size, default_batch_fn, default_forward_fn, to_device
 from .errors import FisherInputError, KFACError, TPEigenDamageError
 from .layers import adapter_for, example_chunks
 
-__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "check_data",
+__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "check_data", "all_finite",
            "is_one_shot", "select_modules", "all_reduce_sums", "PASS_OPTIONS"]
 
 #: The keyword options every Fisher pass takes (``collect_kfac`` adds its own).
@@ -124,6 +124,13 @@ class PerExampleGradientTap(OutputTap):
                                    for x, g in calls))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. NaN and ±Inf make a sum non-finite, so a finite sum settles it in
+    one cheap pass (``isfinite(t).all()`` is ~15× slower on the CPU); only a non-finite sum
+    (possibly an overflow of finite values) is checked element by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _raise_if_non_finite(taps: Sequence[OutputTap], step: int) -> None:
     """Blame the first tap whose sums went non-finite. After a forward, taps in forward order
     (the first layer whose INPUT went bad); after a backward, pass them reversed (gradients go
@@ -140,7 +147,7 @@ def _raise_if_non_finite_state(model: nn.Module) -> None:
     """Name the first parameter or buffer holding NaN / Inf (before any pass starts)."""
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise KFACError(
                     f"{kind} '{name}' holds NaN or Inf values, so every output it reaches is "
                     "non-finite; restore the model from a good checkpoint (e.g. training diverged: "
@@ -152,7 +159,7 @@ def _raise_if_non_finite_outputs(outputs, step: int) -> None:
         list(outputs.values()) if isinstance(outputs, collections.abc.Mapping) else
         list(outputs) if isinstance(outputs, (tuple, list)) else [])
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
             raise FisherInputError(
                 f"the model's outputs hold NaN or Inf in batch {step} although its parameters and "
                 "every covered layer's inputs are finite: something after the last Conv2d/Linear "

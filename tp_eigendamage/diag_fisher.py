@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._model_state import model_device
-from ._passes import PerExampleGradientTap, all_reduce_sums, fisher_passes, select_modules
+from ._passes import PerExampleGradientTap, all_finite, all_reduce_sums, fisher_passes, select_modules
 from .errors import StaleStatisticsError
 from .layer_statistics import LayerStatistics
 from .layers import adapter_for
@@ -81,7 +81,7 @@ class _SquaredGradCollector(PerExampleGradientTap):
         self.collect_mean_grad, self.grad_sum = False, None
 
     def non_finite(self) -> Optional[str]:
-        return None if self.sum is None or torch.isfinite(self.sum).all() else "per-example gradients"
+        return None if self.sum is None or all_finite(self.sum) else "per-example gradients"
 
 
 def collect_fisher_diag(model: nn.Module, data: Iterable, *, modules: Optional[Iterable[nn.Module]] = None,

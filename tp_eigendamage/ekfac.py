@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ._model_state import model_device
-from ._passes import PerExampleGradientTap, all_reduce_sums, fisher_passes
+from ._passes import PerExampleGradientTap, all_finite, all_reduce_sums, fisher_passes
 from .errors import KFEError
 from .kfe import kfe_blocks
 from .kfe_block import KFEBlock
@@ -77,7 +77,7 @@ class _CoreRecorder(PerExampleGradientTap):
             self.removal_sums = tuple(a + b for a, b in zip(self.removal_sums, sums[1:]))
 
     def non_finite(self) -> Optional[str]:
-        ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
+        ok = self.sq_sum is None or all_finite(self.sq_sum)
         return None if ok else "per-example gradients in the KFE"
 
 

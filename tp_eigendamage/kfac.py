@@ -43,7 +43,7 @@ import torch.nn as nn
 from ._model_state import model_device
 from ._options import FACTOR_MODES, FactorMode, FisherType, check_choice
 from .eigen import Precision, eigendecompose
-from ._passes import OutputTap, all_reduce_sums, check_pass_options, fisher_passes, select_modules
+from ._passes import OutputTap, all_finite, all_reduce_sums, check_pass_options, fisher_passes, select_modules
 from .batches import default_batch_fn, default_forward_fn
 from .errors import KFACError, StaleStatisticsError
 from .layer_statistics import LayerStatistics
@@ -284,11 +284,11 @@ class _LayerCollector(OutputTap):
         f = self.factors
         if f is None:
             return None
-        if not (torch.isfinite(f.input_sum).all() and torch.isfinite(f.input_mean_sum).all()):
+        if not (all_finite(f.input_sum) and all_finite(f.input_mean_sum)):
             return "input activations"
-        if not torch.isfinite(f.grad_sum).all():
+        if not all_finite(f.grad_sum):
             return "output gradients"
-        if f.mean_grad_sum is not None and not torch.isfinite(f.mean_grad_sum).all():
+        if f.mean_grad_sum is not None and not all_finite(f.mean_grad_sum):
             return "data-label gradients"
         return None
 
