@@ -366,10 +366,13 @@ def test_eigendamage_first_order_term_is_the_loss_gradient_in_the_kfe():
     second = 0.5 * W_star.square().sum(-1) * fisher[keep_out][:, keep_in]
     first = -(W_star * core_grad[keep_out][:, keep_in]).sum(-1)
     DG, groups = groups_of(model, EXAMPLE, ignored=[model.head])
-    for kind, dim in (("in", 0), ("out", 1)):
-        negative_first_order += assert_policies(
-            lambda **policy: EigenDamageImportance(stats, **policy), group_with(DG, groups, block.core, kind),
-            second.sum(dim), first.sum(dim))
+    for scale in (1.0, 2.0):   # 2: the core changed in place (e.g. fine-tuned) since it was scored
+        with torch.no_grad():
+            block.core.weight.mul_(scale)
+        for kind, dim in (("in", 0), ("out", 1)):
+            negative_first_order += assert_policies(
+                lambda **policy: EigenDamageImportance(stats, **policy), group_with(DG, groups, block.core, kind),
+                scale ** 2 * second.sum(dim), scale * first.sum(dim))
     assert negative_first_order > 0
 
 

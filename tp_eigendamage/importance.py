@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from . import _tp, damage
+from ._block_damage import direction_terms, outer_kron_terms
 from ._options import FIRST_ORDERS, SIDES, FirstOrder, Side, check_choice
 from .damage import DamageTerms
 from .diag_fisher import FisherDiagStats
@@ -327,7 +328,7 @@ class EigenDamageImportance(KroneckerOBDImportance):
     Members belonging to a :class:`~tp_eigendamage.kfe.KFEBlock`:
 
     * core input / output channels (eigen-directions): ``damage_in`` / ``damage_out``
-      (:func:`tp_eigendamage.damage.eigen_damages`) from the core weight ``W*``,
+      (:func:`tp_eigendamage.damage.eigen_terms`) from the core weight ``W*``,
       ``block.fisher_diag`` (or, after an EK-FAC refit, the exact single-removal Fisher
       ``block.removal_fisher_in/out``) and ``block.mean_grad``, restricted to the surviving
       directions, whatever the side; no statistics needed;
@@ -336,7 +337,8 @@ class EigenDamageImportance(KroneckerOBDImportance):
       the block as one layer, weight ``R_out W* R_in`` (current rotation weights) and factors
       ``A = basis_in diag(λ_A) basis_inᵀ``, ``S = basis_out diag(λ_S) basis_outᵀ`` over the
       basis rows of the outer channels still present, computed in the eigenbasis without
-      forming them (:meth:`KFEBlock.outer_kron_operands`).
+      forming them (:meth:`KFEBlock.outer_kron_operands`); for a block unchanged since it was
+      built from a layer, the layer's own Kron-OBD kept from the rewrite.
 
     ``normalizer=None`` (default) keeps loss units so global pruning ranks eigen-directions and
     channels of all layers in one list.
@@ -363,25 +365,16 @@ class EigenDamageImportance(KroneckerOBDImportance):
             return super()._member_damage(module, reads, writes, side, stats)
         block, role = part
         if role == "core":
-            terms_in, terms_out = self._eigen_terms(block)
-            return terms_in if reads else terms_out
+            terms = direction_terms(block)[0 if reads else 1]
+            return DamageTerms(terms.second, self._first_order(terms.first))
         if role == "rotate_in" and reads and side == "consumer":
             return self._outer_terms(block, "input")
         if role == "rotate_out" and writes and side == "producer":
             return self._outer_terms(block, "output")
         return None
 
-    def _eigen_terms(self, block: KFEBlock) -> Tuple[DamageTerms, DamageTerms]:
-        core = adapter_for(block.core).weight_blocks(block.core)
-        in_idx, out_idx = block.surviving_directions()
-        mean_grad = self._first_order(block.mean_grad)
-        removal = (None if block.removal_fisher_in is None else
-                   (block.removal_fisher_in[in_idx], block.removal_fisher_out[out_idx]))
-        return damage.eigen_terms(core[0], block.fisher_diag[out_idx][:, in_idx],
-                                  None if mean_grad is None else mean_grad[out_idx][:, in_idx], removal)
-
     def _outer_terms(self, block: KFEBlock, side: str) -> DamageTerms:
         """Kron-OBD terms of the block's outer ``side`` channels, the block taken as one layer
-        (:meth:`KFEBlock.outer_kron_terms`); the first-order term only if it is on."""
-        terms = block.outer_kron_terms(side)
+        (:func:`~tp_eigendamage._block_damage.outer_kron_terms`); the first-order term only if it is on."""
+        terms = outer_kron_terms(block, side)
         return DamageTerms(terms.second, self._first_order(terms.first))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._basis_matching import exact_indices
-from .damage import DamageTerms, kron_in_terms, kron_out_terms
+from ._block_damage import remember_output_terms, select
 from .errors import StaleBasisError
 from .layers import adapter_for
 from .plain_layers import layer_like, load_weight, rotation_matrix, weight_3d
@@ -40,10 +40,11 @@ def _in_kfe(eigen, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     _, q_a, _, q_s = (t.to(W.device, torch.float64) for t in eigen)
     input_side = torch.einsum("sik,ij->sjk", W.double(), q_a)
     return torch.einsum("so,sjk->ojk", q_s, input_side), input_side
+
+
 def _rows(basis: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``basis[rows]`` in float64 (no gather when ``rows`` are all of them, in order)."""
-    in_order = len(rows) == basis.shape[0] and torch.equal(rows, torch.arange(len(rows), device=rows.device))
-    return basis.double() if in_order else basis[rows].double()
+    return select(basis, 0, rows).double()
 
 
 def _rotated(eigen, W_kfe, R_in=None, R_out=None):
@@ -96,22 +97,6 @@ class _Lookup(NamedTuple):
 # basis was replaced (Torch-Pruning) or changed in place (training). Kept outside the module
 # so that copies and pickles of a block start without one.
 _LOOKUPS: "weakref.WeakKeyDictionary[nn.Module, _Lookup]" = weakref.WeakKeyDictionary()
-
-# block → (watched tensors, Kron-OBD terms of its outputs) set when it is built from a layer
-# (:meth:`KFEBlock.outer_kron_terms`); kept outside the module like ``_LOOKUPS``.
-_OUTPUT_TERMS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _watch(tensors) -> tuple:
-    """Weak references to ``tensors`` (``None`` entries allowed) and their versions."""
-    return tuple((None, None) if t is None else (weakref.ref(t), t._version) for t in tensors)
-
-
-def _unchanged(watched: tuple, tensors) -> bool:
-    """``tensors`` are the very tensors :func:`_watch` saw, not changed in place since."""
-    return all((ref is None and t is None) or (ref is not None and ref() is t and t._version == version)
-               for (ref, version), t in zip(watched, tensors))
-
 
 # -- the block --------------------------------------------------------------------------------
 class KFEBlock(nn.Module):
@@ -180,7 +165,7 @@ class KFEBlock(nn.Module):
             with torch.no_grad():
                 blk.rotate_out.bias.copy_(layer.bias)
         blk._remember_as_set((True, True))   # the bases are the eigenvectors Q_A, Q_S
-        blk._remember_output_terms(eigen, weight_a, mean_grad_a)
+        remember_output_terms(blk, eigen, weight_a, mean_grad_a)
         return blk
 
     def forward(self, x):
@@ -348,34 +333,6 @@ class KFEBlock(nn.Module):
             U = torch.einsum("or,rik->oik", D.T @ rotation_matrix(self.rotate_out), U)
         grad = None if grad is None else torch.einsum("rsk,js->rjk", grad, B)[None]
         return U[None], (B.square() @ lam_a)[None], lam_s[None], grad
-
-    def outer_kron_terms(self, side: str) -> DamageTerms:
-        """Kron-OBD terms (:func:`~tp_eigendamage.damage.kron_in_terms` / ``kron_out_terms``) of
-        the block's outer ``"input"`` or ``"output"`` channels, the block taken as one layer
-        (:meth:`outer_kron_operands`).
-
-        A block built from a layer is that layer until something changes, so the terms of its
-        outputs are the layer's own, ``½ S_cc Σ_jk (W Q_A)²_cjk λ_A,j`` and ``−Σ_jk Ḡ_cjk W_cjk``
-        (``Ḡ_k Q_A`` pairs with ``W_k Q_A``): computed when the block is built, from ``W Q_A``
-        and ``Ḡ Q_A`` (on the way to ``W*`` and ``Ḡ*``), and used while the block's weights
-        and buffers are the same tensors, unchanged."""
-        if side == "output":
-            built = _OUTPUT_TERMS.get(self)
-            if built is not None and _unchanged(built[0], self._output_terms_inputs()):
-                return built[1]
-        return (kron_out_terms if side == "output" else kron_in_terms)(*self.outer_kron_operands(side))
-
-    def _output_terms_inputs(self) -> Tuple[Optional[torch.Tensor], ...]:
-        return (self.rotate_in.weight, self.core.weight, self.rotate_out.weight, self.basis_in,
-                self.basis_out, self.eigen_in, self.eigen_out, self.mean_grad)
-
-    def _remember_output_terms(self, eigen, weight_a: torch.Tensor, mean_grad_a: Optional[torch.Tensor]) -> None:
-        """Kron-OBD terms of the outputs of the layer the block was just built from (see
-        :meth:`outer_kron_terms`), from ``W Q_A`` and ``Ḡ Q_A``."""
-        lam_a, _, lam_s, q_s = (t.to(weight_a.device, torch.float64) for t in eigen)
-        terms = kron_out_terms(weight_a[None], lam_a[None], (q_s.square() @ lam_s)[None],
-                               None if mean_grad_a is None else mean_grad_a[None])
-        _OUTPUT_TERMS[self] = (_watch(self._output_terms_inputs()), terms)
 
     def rerotation(self, eigen):
         """New ``(rotate_in, core, rotate_out)`` weights from the core's ``(λ_A, Q_A, λ_S, Q_S)``.
