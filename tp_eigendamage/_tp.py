@@ -7,7 +7,7 @@ are a group's dependency graph (``group._DG``, which Torch-Pruning's own groups 
 the pruner's per-step ratio schedule, set to prune at one chosen ratio, the traced graph's
 nodes (``DG.module2node``, ``node.inputs`` / ``node.outputs``) for finding the model's outputs,
 what a dependency graph shares instead of copying (:func:`copy_with_pruner`), and its list
-of groups (:func:`list_groups_once`).
+of groups (:func:`list_groups_once`, which derives the index mappings once while listing).
 
 Tracing leaks nothing: Torch-Pruning's tracer puts the model in eval mode and follows
 ``grad_fn`` links, so it runs here with every mode flag restored afterwards and every parameter
@@ -181,11 +181,30 @@ def list_groups_once(pruner: tp.pruner.BasePruner) -> None:
     Torch-Pruning lists every group again at the start of each step, and listing one group
     re-derives the index mapping of every concatenation in the graph, so on densely connected
     networks (DenseNet) listing dominates a step; the list is the same until channels are
-    removed. :func:`copy_with_pruner` copies it with the graph.
+    removed. :func:`copy_with_pruner` copies it with the graph. The listing itself derives the
+    mapping once (:func:`_index_mapping_derived_once`).
     """
     graph = pruner.DG
     args = dict(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
-    graph.get_all_groups = _ListedGroups(graph, list(graph.get_all_groups(**args)), **args)
+    with _index_mapping_derived_once(graph):
+        groups = list(graph.get_all_groups(**args))
+    graph.get_all_groups = _ListedGroups(graph, groups, **args)
+
+
+@contextlib.contextmanager
+def _index_mapping_derived_once(graph) -> Iterator[None]:
+    """Inside, Torch-Pruning derives ``graph``'s index mappings (of its concatenations, splits,
+    reshapes, ...) once, instead of again for every group it creates: for use while nothing
+    changes the model's shapes. (``DependencyGraph.get_pruning_group`` calls the module function
+    ``index_mapping.update_index_mapping``; other graphs keep calling the original.)"""
+    mappings = tp.dependency.index_mapping
+    update = mappings.update_index_mapping
+    update(graph)
+    mappings.update_index_mapping = lambda g: None if g is graph else update(g)
+    try:
+        yield
+    finally:
+        mappings.update_index_mapping = update
 
 
 def copy_with_pruner(model: nn.Module, pruner: tp.pruner.BasePruner, importance,
