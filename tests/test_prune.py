@@ -142,6 +142,33 @@ def test_torch_pruning_importance_gives_torch_prunings_own_result(make, size, he
     assert n_params(model) < 0.9 * params0
 
 
+def test_groups_listed_once_are_torch_prunings_groups():
+    """Listing a round's groups derives Torch-Pruning's index mappings once: the same groups
+    (members, channels, root channels) as Torch-Pruning's own listing through a concatenation,
+    and Torch-Pruning's mapping function is in place again afterwards."""
+    from tp_eigendamage import _tp
+
+    update = tp.dependency.index_mapping.update_index_mapping
+    model, x = concat_net(), torch.randn(1, 3, 8, 8)
+    names = {m: n for n, m in model.named_modules()}
+
+    def listed(once):
+        pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(),
+                                      ignored_layers=[model.head])
+        if once:
+            _tp.list_groups_once(pruner)
+        groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types)
+        return [[(names.get(item.dep.layer, type(item.dep.layer).__name__), item.dep.pruning_fn.__name__,
+                  [int(i) for i in item.idxs], [None if r is None else int(r) for r in item.root_idxs])
+                 for item in group] for group in groups]
+
+    reference = listed(False)
+    assert any(name == "_ConcatOp" for group in reference for name, *_ in group)
+    assert listed(True) == reference
+    assert tp.dependency.index_mapping.update_index_mapping is update
+
+
 class SmallNet(nn.Module):
     """conv → bn → relu → conv → residual → grouped conv → pool → linear."""
 
