@@ -179,6 +179,21 @@ def conv_coverage(module: nn.Conv2d, padded_hw: Tuple[int, int], out_hw: Tuple[i
     return F.pad(cov, (0, padded_hw[1] - cov.shape[1], 0, padded_hw[0] - cov.shape[0]))
 
 
+def gram(t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ_{n,l} w_l² t_{n,g,:,l} t_{n,g,:,l}ᵀ`` per group ``g`` of ``t`` shaped ``(N, G, C, L)``
+    (``w = weight``, shape ``(L,)``, or 1): ``(G, C, C)``.
+
+    One contiguous ``(G, C, N·L)`` copy, weighted in place, and one batched matmul with its own
+    transpose (``einsum`` over ``n`` and ``l`` would permute each operand separately)."""
+    n, G, C, L = t.shape
+    rows = torch.empty((G, C, n, L), dtype=t.dtype, device=t.device)
+    rows.copy_(t.permute(1, 2, 0, 3))
+    if weight is not None:
+        rows.mul_(weight)
+    rows = rows.view(G, C, n * L)
+    return torch.bmm(rows, rows.transpose(1, 2))
+
+
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` (any stride, padding, dilation, groups); factors per group."""
 
@@ -214,14 +229,17 @@ class Conv2dAdapter(LayerAdapter):
         return patches.view(x.shape[0], module.groups, -1, patches.shape[-1])
 
     def _coverage(self, module, x_hw, pad, out_hw, device):
+        """The coverage of the unpadded input pixels (flattened) and its square root, or
+        ``None`` for the root where every pixel is read exactly once (1×1, stride 1)."""
         key = (id(module), tuple(x_hw), pad, tuple(out_hw), str(device))
-        cov = self._coverage_cache.get(key)
-        if cov is None:
+        cached = self._coverage_cache.get(key)
+        if cached is None:
             padded_hw = (x_hw[0] + pad[2] + pad[3], x_hw[1] + pad[0] + pad[1])
             cov = conv_coverage(module, padded_hw, out_hw, device)
-            cov = cov[pad[2]: pad[2] + x_hw[0], pad[0]: pad[0] + x_hw[1]]
-            self._coverage_cache[key] = cov
-        return cov
+            cov = cov[pad[2]: pad[2] + x_hw[0], pad[0]: pad[0] + x_hw[1]].reshape(-1)
+            cached = (cov, None if bool((cov == 1).all()) else cov.sqrt())
+            self._coverage_cache[key] = cached
+        return cached
 
     def input_moments(self, module, x, output_shape, factor_mode, positions=1):
         x = x.detach().float()
@@ -230,19 +248,15 @@ class Conv2dAdapter(LayerAdapter):
         num_locations = n * out_hw[0] * out_hw[1]
         x, pad = self._padded(module, x)
         if factor_mode == "channel":
-            cov = self._coverage(module, x.shape[-2:], pad, out_hw, x.device)
-            xg = x.view(n, G, -1, x.shape[-2], x.shape[-1])
-            weighted = xg * cov
-            xx = torch.einsum("ngchw,ngdhw->gcd", weighted, xg)
-            return xx, weighted.sum(dim=(0, 3, 4)), num_locations * self.kernel_numel(module)
+            cov, root = self._coverage(module, x.shape[-2:], pad, out_hw, x.device)
+            xg = x.reshape(n, G, -1, x.shape[-2] * x.shape[-1])
+            return gram(xg, root), xg.sum(dim=0) @ cov, num_locations * self.kernel_numel(module)
         patches = self._patches(module, x, pad)
-        xx = torch.einsum("ngil,ngjl->gij", patches, patches)
-        return xx, patches.sum(dim=(0, 3)), num_locations
+        return gram(patches), patches.sum(dim=(0, 3)), num_locations
 
     def grad_moment(self, module, g):
         g = g.detach().float()
-        gg = g.view(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1])
-        return torch.einsum("ngct,ngdt->gcd", gg, gg)
+        return gram(g.reshape(g.shape[0], module.groups, -1, g.shape[-2] * g.shape[-1]))
 
     def weight_blocks(self, module, positions=1, weight=None):
         w = module.weight if weight is None else weight
