@@ -130,3 +130,15 @@ def test_prune_rejects_a_non_boolean_flag():
     model = ConvBN()
     with pytest.raises(PruneArgumentError, match="recalibrate_bn='yes'"):
         ted.prune(model, batches(), batches()[0][0][:1], target_params=0.5, recalibrate_bn="yes")
+
+
+def test_prune_without_data_skips_the_recalibration():
+    """Criteria without statistics take data=None; the BatchNorm statistics then stay."""
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    ted.recalibrate_batchnorm(model, batches())
+    before = model.bn.running_mean.clone()
+    ted.prune(model, None, batches()[0][0][:1], pruning_ratio=0.4, method="magnitude",
+              ignored_layers=[model.head], progress=False)
+    assert model.bn.running_mean.numel() < before.numel()
+    assert torch.isin(model.bn.running_mean, before).all()

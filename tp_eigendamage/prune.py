@@ -329,8 +329,9 @@ def prune(
             BatchNorm's running statistics on ``data`` (forward passes only,
             :func:`~tp_eigendamage.recalibrate_batchnorm`): removing many channels at once
             shifts what every later BatchNorm reads, which no damage accounts for (README,
-            "The paper's protocol"). Skipped, with a warning, when ``data`` is a one-shot
-            iterator the statistics pass has used up.
+            "The paper's protocol"). Skipped when ``data`` is None (methods without
+            statistics) and, with a warning, when it is a one-shot iterator the statistics pass
+            has used up.
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
 
@@ -378,8 +379,9 @@ def prune(
 
 
 def _recalibrate(model: nn.Module, data, stats_options) -> None:
-    """Re-estimate the BatchNorm statistics on the statistics batches (if they can be read again)."""
-    if not batchnorm_layers(model):
+    """Re-estimate the BatchNorm statistics on the statistics batches (if they can be read again;
+    methods without statistics, e.g. ``magnitude``, may be given ``data=None``: then nothing)."""
+    if data is None or not batchnorm_layers(model):
         return
     if is_one_shot(data):
         warnings.warn("data is a one-shot iterator that the statistics pass used up, so the "
