@@ -23,7 +23,7 @@ from .batches import batch_size, default_batch_fn, default_forward_fn, to_device
 from .errors import FisherInputError, KFACError, TPEigenDamageError
 from .layers import adapter_for, example_chunks
 
-__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "check_data", "all_finite",
+__all__ = ["OutputTap", "PerExampleGradientTap", "fisher_passes", "check_pass_options", "check_data",
            "is_one_shot", "select_modules", "all_reduce_sums", "PASS_OPTIONS"]
 
 #: The keyword options every Fisher pass takes (``collect_kfac`` adds its own).
@@ -35,7 +35,8 @@ class OutputTap:
     ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
     Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`on_data_weight_grad`,
-    :meth:`end_batch`, :meth:`discard_data_weight_grad` and :meth:`non_finite`. The forward
+    :meth:`end_batch`, :meth:`discard_data_weight_grad`, :meth:`running_sums` and
+    :meth:`non_finite`. The forward
     hook returns ``output + probe`` with ``probe`` a zero scalar leaf: differentiating the loss
     w.r.t. the probes alone reaches every layer output without computing any weight gradient.
     The tensor hook sees the gradient of the value the layer produced, even if a later op (an
@@ -65,8 +66,13 @@ class OutputTap:
     def end_batch(self) -> None:
         """Called after each batch's backward pass(es)."""
 
+    def running_sums(self) -> List[torch.Tensor]:
+        """The sums accumulated so far (checked for NaN / Inf after every forward and backward)."""
+        return []
+
     def non_finite(self) -> Optional[str]:
-        """Name of what went non-finite in this layer's sums, if anything."""
+        """Name of what went non-finite in this layer's sums, if anything (called only when
+        some tap's :meth:`running_sums` hold NaN or Inf)."""
         return None
 
     def _on_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -124,17 +130,23 @@ class PerExampleGradientTap(OutputTap):
                                    for x, g in calls))
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``. NaN and ±Inf make a sum non-finite, so a finite sum settles it in
-    one cheap pass (``isfinite(t).all()`` is ~15× slower on the CPU); only a non-finite sum
-    (possibly an overflow of finite values) is checked element by element."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf, in one pass over the data and one device sync: a sum
+    is finite if every term is, and NaN / Inf terms make it non-finite. (A sum of finite values
+    that overflows reads as non-finite too: the caller then checks element-wise.)"""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    total = torch.stack([t.sum().to(device) for t in tensors]).sum()
+    return bool(torch.isfinite(total))
 
 
 def _raise_if_non_finite(taps: Sequence[OutputTap], step: int) -> None:
     """Blame the first tap whose sums went non-finite. After a forward, taps in forward order
     (the first layer whose INPUT went bad); after a backward, pass them reversed (gradients go
     bad from the output backwards, so the layer nearest the output is the first)."""
+    if _all_finite([s for tap in taps for s in tap.running_sums()]):
+        return
     for tap in taps:
         bad = tap.non_finite()
         if bad is not None:
@@ -147,7 +159,7 @@ def _raise_if_non_finite_state(model: nn.Module) -> None:
     """Name the first parameter or buffer holding NaN / Inf (before any pass starts)."""
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
-            if t.is_floating_point() and not all_finite(t):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise KFACError(
                     f"{kind} '{name}' holds NaN or Inf values, so every output it reaches is "
                     "non-finite; restore the model from a good checkpoint (e.g. training diverged: "
@@ -159,7 +171,7 @@ def _raise_if_non_finite_outputs(outputs, step: int) -> None:
         list(outputs.values()) if isinstance(outputs, collections.abc.Mapping) else
         list(outputs) if isinstance(outputs, (tuple, list)) else [])
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FisherInputError(
                 f"the model's outputs hold NaN or Inf in batch {step} although its parameters and "
                 "every covered layer's inputs are finite: something after the last Conv2d/Linear "

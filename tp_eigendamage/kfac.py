@@ -43,7 +43,7 @@ import torch.nn as nn
 from ._model_state import model_device
 from ._options import FACTOR_MODES, FactorMode, FisherType, check_choice
 from .eigen import Precision, eigendecompose
-from ._passes import OutputTap, all_finite, all_reduce_sums, check_pass_options, fisher_passes, select_modules
+from ._passes import OutputTap, all_reduce_sums, check_pass_options, fisher_passes, select_modules
 from .batches import default_batch_fn, default_forward_fn
 from .errors import KFACError, StaleStatisticsError
 from .layer_statistics import LayerStatistics
@@ -279,16 +279,19 @@ class _LayerCollector(OutputTap):
         if self.factors is not None:
             self.factors.mean_grad_sum = None
 
+    def running_sums(self) -> List[torch.Tensor]:
+        return [] if self.factors is None else self.factors.state_tensors()
+
     def non_finite(self) -> Optional[str]:
         """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
         f = self.factors
         if f is None:
             return None
-        if not (all_finite(f.input_sum) and all_finite(f.input_mean_sum)):
+        if not (torch.isfinite(f.input_sum).all() and torch.isfinite(f.input_mean_sum).all()):
             return "input activations"
-        if not all_finite(f.grad_sum):
+        if not torch.isfinite(f.grad_sum).all():
             return "output gradients"
-        if f.mean_grad_sum is not None and not all_finite(f.mean_grad_sum):
+        if f.mean_grad_sum is not None and not torch.isfinite(f.mean_grad_sum).all():
             return "data-label gradients"
         return None
 
