@@ -60,7 +60,7 @@ class Method:
     kfe: bool = False
     compensation: bool = False
     loss_units: bool = False
-    criterion_defaults: Mapping[str, Any] = field(default_factory=dict)
+    criterion_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def criterion(self, stats: Any, options: Optional[Mapping[str, Any]] = None) -> tp.importance.Importance:
         """The round's criterion: ``importance(stats)`` with :attr:`criterion_defaults` updated
