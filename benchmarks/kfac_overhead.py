@@ -21,7 +21,9 @@ images (default 4 batches of 64 at 32×32). Variants, each over the same B batch
 
 Time: every variant runs ``--warmup`` times, then ``--repeats`` rounds interleave the variants
 (plain, kfac-channel, kfac-patch, plain-train, plain, ...) so that drifts in machine load hit
-all alike; the median per variant is reported and divided by ``plain``'s median.
+all alike; the median per variant is reported and divided by ``plain``'s median. On the CPU
+with one thread the clock is the process's CPU time (other processes on a shared machine do
+not inflate it), otherwise the wall clock.
 
 Peak memory: each variant runs in a FRESH subprocess (so earlier variants cannot inflate its
 high-water mark). The subprocess builds the model and data, runs the variant once on a
@@ -37,7 +39,7 @@ Run:
     python benchmarks/kfac_overhead.py --models resnet50 convnext_tiny vit_small_patch16_224 \\
         --size 224 --batch 32 --batches 1 --warmup 1 --repeats 3 --variants plain kfac-channel
 
-Prints one row per model and variant: median seconds, time ratio to ``plain``, extra peak MiB,
+Prints one row per model and variant: median seconds (CPU or wall), time ratio to ``plain``, extra peak MiB,
 memory ratio to ``plain``.
 """
 from __future__ import annotations
@@ -101,14 +103,15 @@ def measure_time(args, name: str) -> dict:
     for _ in range(args.warmup):
         for variant in args.variants:
             run_variant(variant, model, data)
+    clock = time.process_time if args.device == "cpu" and args.threads == 1 else time.perf_counter
     times = {variant: [] for variant in args.variants}
     for _ in range(args.repeats):
         for variant in args.variants:
             synchronize(args.device)
-            start = time.perf_counter()
+            start = clock()
             run_variant(variant, model, data)
             synchronize(args.device)
-            times[variant].append(time.perf_counter() - start)
+            times[variant].append(clock() - start)
     return {variant: statistics.median(t) for variant, t in times.items()}
 
 

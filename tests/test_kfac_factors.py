@@ -133,6 +133,39 @@ def test_conv_factors_match_brute_force(name, mode):
     close(f.homogeneous_input_factor(), rows1.transpose(1, 2) @ rows1 / rows1.shape[1])
 
 
+class PooledNet(nn.Module):
+    def __init__(self, conv: nn.Conv2d, classes: int = 3):
+        super().__init__()
+        self.conv, self.head = conv, nn.Linear(conv.out_channels, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["channel", "patch"])
+def test_wide_layer_factors_match_brute_force(mode):
+    """Factors with at least ``SYMMETRIC_SPLIT_ROWS`` rows are computed block by block
+    (``layers.symmetric_product``): input, gradient and head factors of 300 / 260 channels."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(300, 260, 1)
+    model = PooledNet(conv)
+    xs, ys = torch.randn(4, 300, 5, 5), torch.randint(0, 3, (4,))
+    stats = empirical(model, [(xs[:2], ys[:2]), (xs[2:], ys[2:])], factor_mode=mode)
+    close(stats[conv].input_blocks, reference_A(conv, xs, mode)[0])
+    close(stats[conv].grad_blocks, reference_S(model, conv, xs, ys))
+    pooled = torch.tanh(conv(xs)).mean((2, 3)).detach().double()
+    close(stats[model.head].input_factor, pooled.T @ pooled / 4)
+
+
+def test_symmetric_product_equals_the_full_product():
+    from tp_eigendamage.layers import SYMMETRIC_SPLIT_ROWS, symmetric_product
+
+    torch.manual_seed(5)
+    for rows in (SYMMETRIC_SPLIT_ROWS - 1, SYMMETRIC_SPLIT_ROWS, 2 * SYMMETRIC_SPLIT_ROWS + 89):
+        r = torch.randn(2, rows, 37, dtype=torch.float64)
+        torch.testing.assert_close(symmetric_product(r), r @ r.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 def test_one_hot_patches_agree_with_unfold():
     """The reference's patch vectors are F.unfold's for zero int padding."""
     torch.manual_seed(1)

@@ -171,6 +171,21 @@ def test_non_finite_gradient_names_the_layer():
                  loss_fn=loss_fn, fisher_type="empirical")
 
 
+def test_huge_but_finite_sums_are_not_reported():
+    """The NaN/Inf check adds each running sum up in float32; entries near float32's maximum
+    make that total overflow although every entry is finite: no error, and the factor matches
+    a float64 reference."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.full((8, 4), 6e18)               # Σ x xᵀ entries 2.9e38 < 3.4e38
+    stats = ted.collect_kfac(model, [(x, torch.zeros(8, dtype=torch.long))], progress=False,
+                             fisher_type="empirical")
+    reference = x.double().T @ x.double() / 8
+    assert torch.isfinite(stats[model].input_factor).all()
+    assert torch.allclose(stats[model].input_factor.double(), reference, rtol=1e-5)
+    assert float(stats[model].input_factor.sum()) == float("inf")   # the float32 total overflows
+
+
 def test_outputs_that_are_not_logits_with_true_fisher():
     model = nn.Sequential(nn.Flatten(), nn.Linear(108, 1))
     expect_error(r"shape \(4, 1\).*sample_fn=.*loss_fn=", model=model, exc=ValueError)

@@ -8,6 +8,8 @@ Public API (the method: docs/method.md):
   deployment: :func:`to_cheapest_forms` (each block in its cheapest exact form, two-layer forms
   as :class:`TwoLayerForm`), :func:`fuse_for_inference` (BatchNorm folded into convolutions),
   :func:`measure_latency`;
+* after pruning: :func:`recalibrate_batchnorm` (BatchNorm running statistics re-estimated;
+  :func:`prune` does it every round);
 * Torch-Pruning importances: :class:`EigenDamageImportance`, :class:`KroneckerOBDImportance`,
   :class:`KroneckerOBSImportance`, :class:`FisherDiagImportance`, :class:`CombinedImportance`;
 * the driver: :func:`prune` → ``(model, PruneReport)``, its methods :data:`METHODS`;
@@ -15,6 +17,7 @@ Public API (the method: docs/method.md):
 * errors: every error derives from :class:`TPEigenDamageError` (see :mod:`tp_eigendamage.errors`).
 """
 from ._version import __version__
+from .batchnorm import recalibrate_batchnorm
 from .budget import Cost
 from .damage import obs_compensation, obs_damage
 from .diag_fisher import FisherDiagStats, collect_fisher_diag
@@ -42,7 +45,7 @@ __all__ = [
     "collect_kfac", "KFACStats", "KFACFactors",
     "collect_fisher_diag", "FisherDiagStats", "fit_eigen_correction",
     "to_kfe", "fold_kfe", "kfe_blocks", "KFEBlock", "to_cheapest_forms", "TwoLayerForm",
-    "fuse_for_inference", "measure_latency",
+    "fuse_for_inference", "measure_latency", "recalibrate_batchnorm",
     "EigenDamageImportance", "KroneckerOBDImportance", "KroneckerOBSImportance",
     "FisherDiagImportance", "CombinedImportance", "obs_compensation", "obs_damage",
     "prune", "PruneReport", "Cost", "METHODS", "Method",

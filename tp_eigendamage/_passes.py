@@ -35,7 +35,8 @@ class OutputTap:
     ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
     Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`on_data_weight_grad`,
-    :meth:`end_batch`, :meth:`discard_data_weight_grad` and :meth:`non_finite`. The forward
+    :meth:`end_batch`, :meth:`discard_data_weight_grad`, :meth:`running_sums` and
+    :meth:`non_finite`. The forward
     hook returns ``output + probe`` with ``probe`` a zero scalar leaf: differentiating the loss
     w.r.t. the probes alone reaches every layer output without computing any weight gradient.
     The tensor hook sees the gradient of the value the layer produced, even if a later op (an
@@ -65,8 +66,13 @@ class OutputTap:
     def end_batch(self) -> None:
         """Called after each batch's backward pass(es)."""
 
+    def running_sums(self) -> List[torch.Tensor]:
+        """The sums accumulated so far (checked for NaN / Inf after every forward and backward)."""
+        return []
+
     def non_finite(self) -> Optional[str]:
-        """Name of what went non-finite in this layer's sums, if anything."""
+        """Name of what went non-finite in this layer's sums, if anything (called only when
+        some tap's :meth:`running_sums` hold NaN or Inf)."""
         return None
 
     def _on_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -124,10 +130,23 @@ class PerExampleGradientTap(OutputTap):
                                    for x, g in calls))
 
 
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf, in one pass over the data and one device sync: a sum
+    is finite if every term is, and NaN / Inf terms make it non-finite. (A sum of finite values
+    that overflows reads as non-finite too: the caller then checks element-wise.)"""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    total = torch.stack([t.sum().to(device) for t in tensors]).sum()
+    return bool(torch.isfinite(total))
+
+
 def _raise_if_non_finite(taps: Sequence[OutputTap], step: int) -> None:
     """Blame the first tap whose sums went non-finite. After a forward, taps in forward order
     (the first layer whose INPUT went bad); after a backward, pass them reversed (gradients go
     bad from the output backwards, so the layer nearest the output is the first)."""
+    if _all_finite([s for tap in taps for s in tap.running_sums()]):
+        return
     for tap in taps:
         bad = tap.non_finite()
         if bad is not None:

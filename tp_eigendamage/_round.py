@@ -74,6 +74,7 @@ class PruneConfig:
     form_cost: str = "params"         # what the forms of KFE blocks are chosen by
     ranking_cost: Optional[str] = None    # "params" / "flops": rank by damage per that cost
     unpruned: Optional[nn.Module] = None   # the user's model: the latency reference
+    recalibrate_bn: bool = True       # re-estimate BatchNorm statistics after every round
     latencies: FormLatencies = field(default_factory=FormLatencies)
 
     @property

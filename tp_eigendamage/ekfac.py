@@ -29,7 +29,7 @@ EigenDamage of direction j is ``first-order term + ½ removal_in_j`` (docs/fidel
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -76,9 +76,15 @@ class _CoreRecorder(PerExampleGradientTap):
             self.sq_sum = self.sq_sum + sums[0]
             self.removal_sums = tuple(a + b for a, b in zip(self.removal_sums, sums[1:]))
 
+    def running_sums(self) -> List[torch.Tensor]:
+        return [t for t in (self.sq_sum, *(self.removal_sums or ()), self.grad_sum) if t is not None]
+
     def non_finite(self) -> Optional[str]:
-        ok = self.sq_sum is None or torch.isfinite(self.sq_sum).all()
-        return None if ok else "per-example gradients in the KFE"
+        if self.sq_sum is not None and not torch.isfinite(self.sq_sum).all():
+            return "per-example gradients in the KFE"
+        if self.grad_sum is not None and not torch.isfinite(self.grad_sum).all():
+            return "data-label gradients"
+        return None
 
 
 def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,

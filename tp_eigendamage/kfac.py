@@ -279,6 +279,9 @@ class _LayerCollector(OutputTap):
         if self.factors is not None:
             self.factors.mean_grad_sum = None
 
+    def running_sums(self) -> List[torch.Tensor]:
+        return [] if self.factors is None else self.factors.state_tensors()
+
     def non_finite(self) -> Optional[str]:
         """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
         f = self.factors

@@ -64,6 +64,7 @@ from ._options import RANKINGS, FisherType, Ranking, check_choice
 from ._passes import check_data, is_one_shot
 from ._round import PruneConfig, Round, checked_cost, latency_fraction, store_forms
 from .batches import Inputs, default_batch_fn, default_forward_fn
+from .batchnorm import batchnorm_layers, recalibrate_batchnorm
 from .budget import search_ratio
 from .eigen import PRECISIONS, Precision
 from .errors import PruneArgumentError
@@ -80,7 +81,7 @@ __all__ = ["prune", "STAGES"]
 
 #: The stages ``PruneReport.timings`` splits the wall time into (seconds each).
 STAGES = ("statistics", "eigendecomposition", "rewrite", "scoring", "ratio_search", "pruning", "fold",
-          "latency")
+          "batchnorm", "latency")
 
 _CONTROLLED_KWARGS = ("importance", "pruning_ratio", "ignored_layers", "iterative_steps",
                       "max_pruning_ratio", "example_inputs", "model")
@@ -269,6 +270,7 @@ def prune(
     form_cost: Optional[str] = None,
     ranking: Optional[Ranking] = None,
     eigen_precision: Precision = "float64",
+    recalibrate_bn: bool = True,
     progress: bool = True,
     max_factor_dim: int = MAX_FACTOR_DIM,
     **tp_kwargs,
@@ -330,6 +332,13 @@ def prune(
             section). With ``global_pruning=False`` both give the same order within a layer.
         eigen_precision: ``"float64"`` or ``"float32"`` eigendecompositions of the factors
             (:mod:`tp_eigendamage.eigen`).
+        recalibrate_bn: after every round's pruning (before ``finetune``), re-estimate every
+            BatchNorm's running statistics on ``data`` (forward passes only,
+            :func:`~tp_eigendamage.recalibrate_batchnorm`): removing many channels at once
+            shifts what every later BatchNorm reads, which no damage accounts for (README,
+            "The paper's protocol"). Skipped when ``data`` is None (methods without
+            statistics) and, with a warning, when it is a one-shot iterator the statistics pass
+            has used up.
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
 
@@ -351,6 +360,8 @@ def prune(
     if isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int) or max_factor_dim < 1:
         raise PruneArgumentError(f"max_factor_dim={max_factor_dim!r} must be a positive integer")
     check_choice(eigen_precision, "eigen_precision", PRECISIONS, PruneArgumentError)
+    if not isinstance(recalibrate_bn, bool):
+        raise PruneArgumentError(f"recalibrate_bn={recalibrate_bn!r} must be True or False")
     method = get_method(method)
     method.check_criterion_options(criterion_options or {})
     criterion_options = dict(criterion_options or {})
@@ -370,11 +381,25 @@ def prune(
                          outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
                          timm_helper=_timm_integration(work), eigen_precision=eigen_precision,
-                         form_cost=form_cost, unpruned=model,
+                         form_cost=form_cost, unpruned=model, recalibrate_bn=recalibrate_bn,
                          ranking_cost=RANKING_COST_OF_TARGET[target] if ranking == "damage_per_cost" else None)
     report = _run(work, model, data, target, value, iterative_steps, finetune, config, stats_options, tolerance)
     _move_into(model, work)
     return model, report
+
+
+def _recalibrate(model: nn.Module, data, stats_options) -> None:
+    """Re-estimate the BatchNorm statistics on the statistics batches (if they can be read again;
+    methods without statistics, e.g. ``magnitude``, may be given ``data=None``: then nothing)."""
+    if data is None or not batchnorm_layers(model):
+        return
+    if is_one_shot(data):
+        warnings.warn("data is a one-shot iterator that the statistics pass used up, so the "
+                      "BatchNorm running statistics were not re-estimated after pruning; pass a list "
+                      "of batches or a DataLoader (or recalibrate_bn=False to silence this)", stacklevel=4)
+        return
+    recalibrate_batchnorm(model, data, num_batches=stats_options["num_batches"],
+                          batch_fn=stats_options["batch_fn"], forward_fn=stats_options["forward_fn"])
 
 
 def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwatch) -> int:
@@ -432,6 +457,9 @@ def _run(model, original, data, target, value, k, finetune, config: PruneConfig,
             round_damage = round_.apply(ratio, stats)
         with clock.stage("fold"):
             store_forms(model, config, config.example_inputs, final=r == k)
+        if config.recalibrate_bn:
+            with clock.stage("batchnorm"):
+                _recalibrate(model, data, stats_options)
         for name, d in round_damage.items():
             damages[name] = damages.get(name, 0.0) + d
         adopt_modes_flags_hooks(model, original, hooks=False)
