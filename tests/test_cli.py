@@ -53,6 +53,19 @@ def test_default_job_writes_table_report_and_plots(tmp_path, capsys):
     assert resumed["loaded"]["accuracy"] == report["stages"]["fine-tuned"]["accuracy"]
 
 
+def test_side_and_first_order_reach_the_criterion(tmp_path, capsys):
+    """``--side`` / ``--first-order`` change kron_obd's damages (same seed, same trained model)."""
+    pruned = {}
+    for name, flags in (("default", []), ("consumer", ["--side", "consumer"]), ("off", ["--first-order", "off"])):
+        out = tmp_path / name
+        assert main(TINY + ["--method", "kron_obd", "--target-params", "0.6", "--finetune-epochs", "0",
+                            "--out", str(out)] + flags) == 0
+        report = json.loads((out / "report.json").read_text())["pruning"]
+        pruned[name] = (report["predicted_damage"], report["layers"])
+    assert pruned["consumer"] != pruned["default"] and pruned["off"] != pruned["default"]
+    assert pruned["off"][0] < pruned["default"][0]   # the positive first-order part is left out
+
+
 def _compare(tmp_path, name, seeds):
     out = tmp_path / name
     code = main(["compare"] + TINY + ["--methods", "kron_obd,magnitude", "--targets", "0.7,0.5",
@@ -100,6 +113,7 @@ def test_compare_covers_every_method_target_and_seed_reproducibly(tmp_path, caps
     (["--target-parms", "0.5"], "did you mean '--target-params'"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--ranking", "damage_per_flop"], "invalid choice: 'damage_per_flop'"),
+    (["--side", "consumr"], "invalid choice: 'consumr'"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code = main(TINY + args + ["--out", str(tmp_path / "x")])
@@ -158,6 +172,6 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
                  "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
-                 "--stat-batches", "--fisher-type", "--ranking", "--seed", "--device", "--out", "--checkpoint"):
+                 "--stat-batches", "--fisher-type", "--ranking", "--side", "--first-order", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
     assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout

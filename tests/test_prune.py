@@ -294,6 +294,49 @@ def test_fast_paths_prune_like_the_direct_computation(monkeypatch, side):
         assert a.after == b.after and a.predicted_damage == pytest.approx(b.predicted_damage, rel=1e-5, abs=1e-12)
 
 
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_criterion_options_score_like_the_criterion_built_directly(side):
+    """kron_obd with ``criterion_options={"side": side}`` prunes exactly like
+    ``KroneckerOBDImportance(stats, side=side)`` built on the same statistics."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    data, x = batches(8), torch.randn(2, 3, 8, 8)
+    direct = copy.deepcopy(model)
+    stats = ted.collect_kfac(direct, data, fisher_type="empirical", progress=False)
+    ted.prune(direct, data, x, method=ted.KroneckerOBDImportance(stats, side=side), pruning_ratio=0.4,
+              ignored_layers=[direct.head], progress=False)
+    ted.prune(model, data, x, method="kron_obd", criterion_options={"side": side}, fisher_type="empirical",
+              pruning_ratio=0.4, ignored_layers=[model.head], progress=False)
+    ours, theirs = model.state_dict(), direct.state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_criterion_options_reach_every_round(monkeypatch):
+    """Two rounds of eigendamage with ``criterion_options`` prune like a registered method whose
+    criterion has those options built in, and unlike the defaults (so the options changed the
+    scores of both rounds)."""
+    from tp_eigendamage.methods import METHODS, Method, get_method
+
+    options = {"side": "consumer", "first_order": "off"}
+    eigendamage = get_method("eigendamage")
+    monkeypatch.setitem(METHODS, "built_in", Method(
+        "built_in", "built_in", eigendamage.statistics,
+        lambda stats: ted.EigenDamageImportance(stats, **options), kfe=True, loss_units=True))
+    results = {}
+    for name, method, criterion_options in (("options", "eigendamage", options), ("built_in", "built_in", None),
+                                            ("defaults", "eigendamage", None)):
+        torch.manual_seed(0)
+        model = SmallNet().eval()
+        _, report = ted.prune(model, batches(8), torch.randn(2, 3, 8, 8), method=method,
+                              criterion_options=criterion_options, fisher_type="empirical", target_params=0.3,
+                              iterative_steps=2, ignored_layers=[model.head], tolerance=0.05, progress=False)
+        results[name] = ([r.after for r in report.rows], [r["predicted_damage"] for r in report.rounds])
+    assert results["options"] == results["built_in"]
+    assert all(a != b for a, b in zip(results["options"][1], results["defaults"][1]))
+
+
 class DataDependent(nn.Module):
     """A forward with value-dependent control flow: cannot run on the meta device."""
 
@@ -453,6 +496,14 @@ class Untouchable:
     (dict(target_params=0.5, max_pruning_ratio=0.5), "set by prune"),
     (dict(target_params=0.5, importance=tp.importance.GroupMagnitudeImportance()), "set by prune"),
     (dict(target_params=0.5, ignored_layers=[nn.Linear(2, 2)]), "not a submodule"),
+    (dict(target_params=0.5, criterion_options={"sid": "consumer"}), "'sid' .did you mean 'side'.*accepts side="),
+    (dict(target_params=0.5, criterion_options={"side": "consumr"}), "did you mean 'consumer'"),
+    (dict(target_params=0.5, criterion_options={"first_order": "of"}), "did you mean 'off'"),
+    (dict(target_params=0.5, method="kron_obs", criterion_options={"damping": -1}), "non-negative"),
+    (dict(target_params=0.5, criterion_options=["side"]), "must be a dict"),
+    (dict(target_params=0.5, method="magnitude", criterion_options={"side": "consumer"}), "takes none"),
+    (dict(target_params=0.5, method=tp.importance.GroupMagnitudeImportance(),
+          criterion_options={"side": "consumer"}), "takes none"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, message):
     model = SmallNet()

@@ -62,6 +62,7 @@ class PruneConfig:
 
     example_inputs: Any
     method: Method
+    criterion_options: Dict[str, Any]   # prune(criterion_options=...): over method.criterion_defaults
     ignored: List[nn.Module]      # the user's ignored layers and the output layers
     outputs: List[nn.Module]      # the layers producing the model's outputs
     cap: float
@@ -318,7 +319,7 @@ class Round:
         if config.ranking_cost is not None:
             with _tp.pruning_errors("counting the model's layer-wise costs", model, config.example_inputs):
                 costs = _tp.layer_costs(model, config.example_inputs, config.ranking_cost)
-        self.importance = RoundImportance(config.method.importance(stats), config.cap, config.initial, costs)
+        self.importance = RoundImportance(config.method.criterion(stats, config.criterion_options), config.cap, config.initial, costs)
         with _tp.pruning_errors("tracing the model with Torch-Pruning", model, config.example_inputs):
             self.pruner = _pruner(model, config.example_inputs, self.importance, config.ignored,
                                   config.tp_kwargs, config, 0.0)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import jobs
-from ._options import RANKINGS, did_you_mean
+from ._options import FIRST_ORDERS, RANKINGS, SIDES, did_you_mean
 from .errors import InvalidArgumentError, TPEigenDamageError
 from .methods import METHODS
 
@@ -53,6 +53,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="global channel order: by damage, or by damage per unit of the budgeted cost "
                         "(FLOPs, or parameters for a parameter target); default: damage_per_cost for "
                         "FLOPs and latency targets with the second-order methods, damage otherwise")
+    p.add_argument("--side", choices=SIDES, default=None,
+                   help="second-order methods: which layers of a channel group carry its damage "
+                        "(prune(criterion_options={'side': ...})); default: the method's")
+    p.add_argument("--first-order", choices=FIRST_ORDERS, default=None,
+                   help="second-order methods: the damages' first-order term -G.w (positive part, "
+                        "signed, or off: the paper's damage); default: the method's")
     p.add_argument("--iterative-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split, initialisation, batch order and label sampling")

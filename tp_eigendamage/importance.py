@@ -15,7 +15,10 @@ single channel removals better (pooled Spearman 0.972 vs 0.547 on a trained resn
 0.846 on a trained mobilenetv2; docs/fidelity.md §6). The default stays ``"producer"`` for now:
 consumer sums need the statistics of every reader, the classifier included, so statistics
 collected once go stale after the first step of an iterative ``BasePruner`` (pass a callable, or
-``side="consumer"`` with fresh statistics per step).
+``side="consumer"`` with fresh statistics per step). :func:`~tp_eigendamage.prune` collects fresh
+statistics every round and takes the side as ``criterion_options``; its default is also
+``"producer"``, because on the paper protocol the consumer side did not prune better after
+fine-tuning (docs/method.md §9).
 
 A depthwise conv reads and writes the same channel: it is a producer, not a consumer (the channel
 leaves the group only through the layers that read it without writing it, e.g. the pointwise

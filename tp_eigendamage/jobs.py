@@ -17,6 +17,7 @@ import torch.nn as nn
 from ._model_state import restored_modes
 from ._version import versions
 from .errors import InvalidArgumentError, ModelFileError
+from .methods import METHODS
 from .report import format_table
 
 __all__ = ["run", "compare"]
@@ -125,7 +126,9 @@ def _prune_once(model, experiment, args, method: str, target: dict, finetune_epo
     torch.manual_seed(args.seed)
     stats_data = _stats_batches(experiment.train_loader, args.stat_batches)
     finetune = _finetune_fn(experiment, args, finetune_epochs) if finetune_epochs > 0 else None
-    return prune(model, stats_data, experiment.example_inputs, method=method,
+    chosen = {"side": args.side, "first_order": args.first_order}
+    criterion_options = {k: v for k, v in chosen.items() if v is not None and k in METHODS[method].criterion_defaults}
+    return prune(model, stats_data, experiment.example_inputs, method=method, criterion_options=criterion_options,
                  iterative_steps=args.iterative_steps, finetune=finetune,
                  fisher_type=args.fisher_type, ranking=args.ranking, progress=not args.no_progress, **target)
 

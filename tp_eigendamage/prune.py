@@ -53,7 +53,7 @@ import contextlib
 import copy
 import time
 import warnings
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch.nn as nn
 import torch_pruning as tp
@@ -254,6 +254,7 @@ def prune(
     target_flops: Optional[float] = None,
     target_latency: Optional[float] = None,
     method: Union[str, tp.importance.Importance] = "eigendamage",
+    criterion_options: Optional[Mapping[str, Any]] = None,
     iterative_steps: int = 1,
     finetune: Optional[Callable[[nn.Module, int], None]] = None,
     ignored_layers: Optional[List[nn.Module]] = None,
@@ -295,6 +296,12 @@ def prune(
             EigenDamageImportance), "kron_obd", "kron_obs" (with OBS weight compensation),
             "fisher_diag", or Torch-Pruning's "magnitude", "taylor", "bn_scale", "random" —
             or any Torch-Pruning ``Importance`` instance.
+        criterion_options: keyword options of the registry method's criterion, over its
+            defaults (``METHODS[method].criterion_defaults``), used in every round: for
+            "eigendamage", "kron_obd" and "fisher_diag" ``side`` ("producer" / "consumer",
+            which layers of a channel group carry its damage, docs/method.md §9) and
+            ``first_order`` ("positive" / "signed" / "off", docs/method.md §4); "kron_obs"
+            also ``damping``. E.g. ``{"side": "consumer", "first_order": "off"}``.
         iterative_steps: rounds of statistics → prune → ``finetune(model, round)``; above 1,
             ``data`` must be readable once per round (a list or DataLoader, not a generator).
         finetune: ``finetune(model, round)`` called after each round, or ``None``. It gets the
@@ -356,6 +363,8 @@ def prune(
     if not isinstance(recalibrate_bn, bool):
         raise PruneArgumentError(f"recalibrate_bn={recalibrate_bn!r} must be True or False")
     method = get_method(method)
+    method.check_criterion_options(criterion_options or {})
+    criterion_options = dict(criterion_options or {})
     ranking = default_ranking(target, method) if ranking is None else ranking
     check_choice(ranking, "ranking", RANKINGS, PruneArgumentError,
                  hint="or None: the default for the budget and method")
@@ -367,7 +376,8 @@ def prune(
     stats_options = dict(num_batches=num_batches, fisher_type=fisher_type, loss_fn=loss_fn,
                          sample_fn=sample_fn, batch_fn=batch_fn, forward_fn=forward_fn, progress=progress,
                          max_factor_dim=max_factor_dim)
-    config = PruneConfig(example_inputs=example_inputs, method=method, ignored=unique_modules(ignored + outputs),
+    config = PruneConfig(example_inputs=example_inputs, method=method, criterion_options=criterion_options,
+                         ignored=unique_modules(ignored + outputs),
                          outputs=outputs, cap=max_layer_ratio, initial=_original_channels(work),
                          global_pruning=global_pruning, tp_kwargs=tp_kwargs,
                          timm_helper=_timm_integration(work), eigen_precision=eigen_precision,
