@@ -66,6 +66,22 @@ def test_side_and_first_order_reach_the_criterion(tmp_path, capsys):
     assert pruned["off"][0] < pruned["default"][0]   # the positive first-order part is left out
 
 
+def test_no_recalibrate_bn_reaches_prune(tmp_path, capsys):
+    """Without ``--no-recalibrate-bn`` the pruned model's BatchNorm statistics are re-estimated,
+    so its test loss before fine-tuning differs (same seed, same trained model, same channels)."""
+    stages = {}
+    for name, flags in (("default", []), ("kept", ["--no-recalibrate-bn"])):
+        out = tmp_path / name
+        assert main(TINY + ["--method", "magnitude", "--target-params", "0.6", "--finetune-epochs", "0",
+                            "--out", str(out)] + flags) == 0
+        report = json.loads((out / "report.json").read_text())
+        stages[name] = report["stages"]
+        assert report["pruning"]["layers"] == json.loads(
+            ((tmp_path / "default") / "report.json").read_text())["pruning"]["layers"]
+    assert stages["kept"]["trained"] == stages["default"]["trained"]
+    assert stages["kept"]["pruned"]["loss"] != stages["default"]["pruned"]["loss"]
+
+
 def _compare(tmp_path, name, seeds):
     out = tmp_path / name
     code = main(["compare"] + TINY + ["--methods", "kron_obd,magnitude", "--targets", "0.7,0.5",
@@ -172,6 +188,6 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for flag in ("--model", "--data", "--image-size", "--method", "--target-params", "--target-flops",
                  "--target-latency", "--pruning-ratio", "--iterative-steps", "--epochs", "--finetune-epochs",
-                 "--stat-batches", "--fisher-type", "--ranking", "--side", "--first-order", "--seed", "--device", "--out", "--checkpoint"):
+                 "--stat-batches", "--fisher-type", "--ranking", "--side", "--first-order", "--no-recalibrate-bn", "--seed", "--device", "--out", "--checkpoint"):
         assert flag in done.stdout
     assert "compare" in done.stdout and "KEEP" in done.stdout and "REMOVE" in done.stdout

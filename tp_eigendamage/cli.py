@@ -59,6 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-order", choices=FIRST_ORDERS, default=None,
                    help="second-order methods: the damages' first-order term -G.w (positive part, "
                         "signed, or off: the paper's damage); default: the method's")
+    p.add_argument("--no-recalibrate-bn", action="store_true",
+                   help="keep the BatchNorm running statistics of the kept channels instead of "
+                        "re-estimating them on the statistics batches after each round")
     p.add_argument("--iterative-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split, initialisation, batch order and label sampling")

@@ -129,6 +129,7 @@ def _prune_once(model, experiment, args, method: str, target: dict, finetune_epo
     chosen = {"side": args.side, "first_order": args.first_order}
     criterion_options = {k: v for k, v in chosen.items() if v is not None and k in METHODS[method].criterion_defaults}
     return prune(model, stats_data, experiment.example_inputs, method=method, criterion_options=criterion_options,
+                 recalibrate_bn=not args.no_recalibrate_bn,
                  iterative_steps=args.iterative_steps, finetune=finetune,
                  fisher_type=args.fisher_type, ranking=args.ranking, progress=not args.no_progress, **target)
 
