@@ -35,7 +35,9 @@ fine-tuning and the same classifier exemption. Methods:
   ``cost(dense) / cost(KFE)`` so it is a share of the ORIGINAL model like the other methods'.
 
 A target the per-layer caps cannot reach is reported as ``unreachable``. Reported per (family,
-budget, schedule, method): test accuracy and test loss (mean ± sample std over seeds), and the
+budget, schedule, method): test accuracy and test loss (mean ± sample std over seeds), the test
+accuracy right after the last round's pruning (before its fine-tuning: how much of the model
+the criterion kept by itself), and the
 parameters / FLOPs actually kept (fractions of the trained dense model, KFE rotations counted).
 Output: a plain-text table on stdout, ``results.json`` (config, every cell with its per-layer
 widths and, per round, the test metrics right after pruning, before fine-tuning; the summary) and
@@ -364,6 +366,9 @@ def summarize(cells: List[dict]) -> List[dict]:
         for key in ("accuracy", "loss", "params_fraction", "flops_fraction"):
             if ok:
                 entry[key], entry[key + "_std"] = _mean_std([r[key] for r in ok])
+        if ok:   # right after the last round's pruning, before its fine-tuning
+            entry["pruned_accuracy"], entry["pruned_accuracy_std"] = _mean_std(
+                [r["rounds"][-1]["test_before_finetune"]["accuracy"] for r in ok])
         summary.append(entry)
     return summary
 
@@ -374,18 +379,19 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def table(summary: List[dict], baselines: List[dict]) -> str:
-    header = ["family", "budget", "schedule", "method", "test acc %", "test loss", "params kept",
-              "FLOPs kept", "ok/seeds", "CPU s/cell"]
+    header = ["family", "budget", "schedule", "method", "test acc %", "test loss", "before FT acc %",
+              "params kept", "FLOPs kept", "ok/seeds", "CPU s/cell"]
     rows = []
     for b in summarize_baselines(baselines):
         rows.append([b["family"], "dense", "-", "-", _pm(b["accuracy"], b["accuracy_std"], 100),
-                     _pm(b["loss"], b["loss_std"], digits=4), "1", "1", f"{b['seeds']}/{b['seeds']}", "-"])
+                     _pm(b["loss"], b["loss_std"], digits=4), "-", "1", "1", f"{b['seeds']}/{b['seeds']}", "-"])
     for s in summary:
         if s["ok"]:
             cols = [_pm(s["accuracy"], s["accuracy_std"], 100), _pm(s["loss"], s["loss_std"], digits=4),
+                    _pm(s["pruned_accuracy"], s["pruned_accuracy_std"], 100, digits=1),
                     f"{s['params_fraction']:.3f}", f"{s['flops_fraction']:.3f}"]
         else:
-            cols = ["unreachable", "-", "-", "-"]
+            cols = ["unreachable", "-", "-", "-", "-"]
         rows.append([s["family"], s["budget"], s["schedule"], s["method"], *cols,
                      f"{s['ok']}/{s['seeds']}", f"{s['cpu_seconds_per_cell']:.0f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
