@@ -142,3 +142,15 @@ def test_prune_without_data_skips_the_recalibration():
               ignored_layers=[model.head], progress=False)
     assert model.bn.running_mean.numel() < before.numel()
     assert torch.isin(model.bn.running_mean, before).all()
+
+
+def test_prune_with_one_example_batches_warns_and_keeps_the_statistics():
+    """Train-mode BatchNorm cannot average one value per channel: prune() still succeeds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    before = model[1].running_var.clone()
+    data = [(torch.randn(1, 6), torch.tensor([1])) for _ in range(3)]
+    with pytest.warns(UserWarning, match="not re-estimated.*at least 2 examples"):
+        ted.prune(model, data, data[0][0], pruning_ratio=0.4, method="kron_obd", progress=False)
+    assert model[1].running_var.numel() < before.numel()
+    assert torch.isin(model[1].running_var, before).all()

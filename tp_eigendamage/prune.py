@@ -338,7 +338,7 @@ def prune(
             shifts what every later BatchNorm reads, which no damage accounts for (README,
             "The paper's protocol"). Skipped when ``data`` is None (methods without
             statistics) and, with a warning, when it is a one-shot iterator the statistics pass
-            has used up.
+            has used up or its batches hold one example (train-mode BatchNorm needs two).
         **tp_kwargs: passed to ``torch_pruning.pruner.BasePruner`` (e.g. ``round_to``,
             ``unwrapped_parameters``, ``customized_pruners``).
 
@@ -398,8 +398,13 @@ def _recalibrate(model: nn.Module, data, stats_options) -> None:
                       "BatchNorm running statistics were not re-estimated after pruning; pass a list "
                       "of batches or a DataLoader (or recalibrate_bn=False to silence this)", stacklevel=4)
         return
-    recalibrate_batchnorm(model, data, num_batches=stats_options["num_batches"],
-                          batch_fn=stats_options["batch_fn"], forward_fn=stats_options["forward_fn"])
+    try:
+        recalibrate_batchnorm(model, data, num_batches=stats_options["num_batches"],
+                              batch_fn=stats_options["batch_fn"], forward_fn=stats_options["forward_fn"])
+    except ValueError as exc:   # BatchNorm in train mode needs 2+ values per channel (batch of 1)
+        warnings.warn(f"the BatchNorm running statistics were not re-estimated after pruning "
+                      f"({exc}); pass batches of at least 2 examples, or recalibrate_bn=False to "
+                      "silence this", stacklevel=4)
 
 
 def _rewrite_in_kfe(model: nn.Module, stats, config: PruneConfig, clock: _Stopwatch) -> int:
