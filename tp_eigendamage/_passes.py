@@ -35,8 +35,7 @@ class OutputTap:
     ``g = ∂ℓ_n/∂s`` at backward (``ℓ_n`` the per-example loss).
 
     Subclasses override :meth:`on_forward`, :meth:`on_grad`, :meth:`on_data_weight_grad`,
-    :meth:`end_batch`, :meth:`discard_data_weight_grad`, :meth:`running_sums` and
-    :meth:`non_finite`. The forward
+    :meth:`end_batch`, :meth:`discard_data_weight_grad` and :meth:`running_sums`. The forward
     hook returns ``output + probe`` with ``probe`` a zero scalar leaf: differentiating the loss
     w.r.t. the probes alone reaches every layer output without computing any weight gradient.
     The tensor hook sees the gradient of the value the layer produced, even if a later op (an
@@ -66,14 +65,14 @@ class OutputTap:
     def end_batch(self) -> None:
         """Called after each batch's backward pass(es)."""
 
-    def running_sums(self) -> List[torch.Tensor]:
-        """The sums accumulated so far (checked for NaN / Inf after every forward and backward)."""
+    def running_sums(self) -> List[Tuple[str, torch.Tensor]]:
+        """``(what it sums, sum)`` of the sums accumulated so far, checked for NaN / Inf after
+        every forward and backward."""
         return []
 
     def non_finite(self) -> Optional[str]:
-        """Name of what went non-finite in this layer's sums, if anything (called only when
-        some tap's :meth:`running_sums` hold NaN or Inf)."""
-        return None
+        """What the first of :meth:`running_sums` holding NaN or Inf sums, if any."""
+        return next((what for what, t in self.running_sums() if not bool(torch.isfinite(t).all())), None)
 
     def _on_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         if self.fisher_labels:
@@ -145,7 +144,7 @@ def _raise_if_non_finite(taps: Sequence[OutputTap], step: int) -> None:
     """Blame the first tap whose sums went non-finite. After a forward, taps in forward order
     (the first layer whose INPUT went bad); after a backward, pass them reversed (gradients go
     bad from the output backwards, so the layer nearest the output is the first)."""
-    if _all_finite([s for tap in taps for s in tap.running_sums()]):
+    if _all_finite([t for tap in taps for _, t in tap.running_sums()]):
         return
     for tap in taps:
         bad = tap.non_finite()

@@ -12,7 +12,7 @@ the Fisher-pass engine's.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,15 +80,9 @@ class _SquaredGradCollector(PerExampleGradientTap):
     def discard_data_weight_grad(self) -> None:
         self.collect_mean_grad, self.grad_sum = False, None
 
-    def running_sums(self) -> List[torch.Tensor]:
-        return [t for t in (self.sum, self.grad_sum) if t is not None]
-
-    def non_finite(self) -> Optional[str]:
-        if self.sum is not None and not torch.isfinite(self.sum).all():
-            return "per-example gradients"
-        if self.grad_sum is not None and not torch.isfinite(self.grad_sum).all():
-            return "data-label gradients"
-        return None
+    def running_sums(self) -> List[Tuple[str, torch.Tensor]]:
+        return [(what, t) for what, t in (("per-example gradients", self.sum),
+                                          ("data-label gradients", self.grad_sum)) if t is not None]
 
 
 def collect_fisher_diag(model: nn.Module, data: Iterable, *, modules: Optional[Iterable[nn.Module]] = None,

@@ -76,15 +76,9 @@ class _CoreRecorder(PerExampleGradientTap):
             self.sq_sum = self.sq_sum + sums[0]
             self.removal_sums = tuple(a + b for a, b in zip(self.removal_sums, sums[1:]))
 
-    def running_sums(self) -> List[torch.Tensor]:
-        return [t for t in (self.sq_sum, *(self.removal_sums or ()), self.grad_sum) if t is not None]
-
-    def non_finite(self) -> Optional[str]:
-        if self.sq_sum is not None and not torch.isfinite(self.sq_sum).all():
-            return "per-example gradients in the KFE"
-        if self.grad_sum is not None and not torch.isfinite(self.grad_sum).all():
-            return "data-label gradients"
-        return None
+    def running_sums(self) -> List[Tuple[str, torch.Tensor]]:
+        sums = [("per-example gradients in the KFE", t) for t in (self.sq_sum, *(self.removal_sums or ()))]
+        return [(what, t) for what, t in sums + [("data-label gradients", self.grad_sum)] if t is not None]
 
 
 def fit_eigen_correction(model: nn.Module, data, *, mean_gradient: bool = True,

@@ -279,21 +279,11 @@ class _LayerCollector(OutputTap):
         if self.factors is not None:
             self.factors.mean_grad_sum = None
 
-    def running_sums(self) -> List[torch.Tensor]:
-        return [] if self.factors is None else self.factors.state_tensors()
+    #: what each of :meth:`KFACFactors.state_tensors` sums (the last only with the mean gradient)
+    SUMMED = ("input activations", "input activations", "output gradients", "data-label gradients")
 
-    def non_finite(self) -> Optional[str]:
-        """Which accumulated sum went non-finite (NaN/Inf persist in a running sum)."""
-        f = self.factors
-        if f is None:
-            return None
-        if not (torch.isfinite(f.input_sum).all() and torch.isfinite(f.input_mean_sum).all()):
-            return "input activations"
-        if not torch.isfinite(f.grad_sum).all():
-            return "output gradients"
-        if f.mean_grad_sum is not None and not torch.isfinite(f.mean_grad_sum).all():
-            return "data-label gradients"
-        return None
+    def running_sums(self) -> List[Tuple[str, torch.Tensor]]:
+        return [] if self.factors is None else list(zip(self.SUMMED, self.factors.state_tensors()))
 
 
 def collect_kfac(
