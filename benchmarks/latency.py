@@ -8,7 +8,9 @@ statistics batches:
   params`` for parameters) with each method: ``eigendamage`` (KFE blocks in the form cheapest
   by the budgeted cost), ``eigendamage/lat-forms`` (the same budget, forms chosen by measured
   latency: ``form_cost="latency"``; tolerance 5 %, as a block changing form makes the FLOPs
-  jump), ``kron_obd``, and Torch-Pruning's ``magnitude`` and
+  jump), ``eigendamage/lat-forms-bN`` (the same, forms timed on an input of the larger
+  ``--batch``: what a user deploying at that batch size passes as ``example_inputs``),
+  ``kron_obd``, and Torch-Pruning's ``magnitude`` and
   ``taylor`` (``prune(method="magnitude")`` / ``"taylor"``);
 * at every target in ``--latency-targets`` (``target_latency``: share of the unpruned model's
   measured batch-1 latency) with ``eigendamage`` and ``kron_obd``.
@@ -57,10 +59,13 @@ from _common import checked, create_model, error_text, example_input, markdown_t
 from tp_eigendamage.latency import latency_clock
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100", "vit_tiny_patch16_224"]
-#: label → (method, extra prune() options), pruned at every --targets value
-BUDGET_METHODS = {"eigendamage": ("eigendamage", {}),
-                  "eigendamage/lat-forms": ("eigendamage", {"form_cost": "latency", "tolerance": 0.05}),
-                  "kron_obd": ("kron_obd", {}), "magnitude": ("magnitude", {}), "taylor": ("taylor", {})}
+#: label → (method, extra prune() options, example_inputs at the larger --batch), pruned at
+#: every --targets value
+BUDGET_METHODS = {"eigendamage": ("eigendamage", {}, False),
+                  "eigendamage/lat-forms": ("eigendamage", {"form_cost": "latency", "tolerance": 0.05}, False),
+                  "eigendamage/lat-forms-bN": ("eigendamage", {"form_cost": "latency", "tolerance": 0.05}, True),
+                  "kron_obd": ("kron_obd", {}, False), "magnitude": ("magnitude", {}, False),
+                  "taylor": ("taylor", {}, False)}
 #: methods pruned at every --latency-targets value
 LATENCY_METHODS = ("eigendamage", "kron_obd")
 #: where the target "latency ratio ≤ FLOPs ratio + 0.10" for eigendamage applies
@@ -113,16 +118,16 @@ def pruned_variants(args, name: str) -> List[Variant]:
     """The unpruned model, then one variant per target and method (``model=None`` on error)."""
     base = build(name, args)
     batches = random_batches(args.stat_batches, args.stat_batch_size, args.size, args.device)
-    example = example_input(args.size, args.device)
+    examples = (example_input(args.size, args.device), example_input(args.size, args.device, args.batch))
     variants = [Variant("unpruned", None, None, base, 1.0, 1.0)]
-    jobs = [(label, method, dict(extra, **{f"target_{args.target_kind}": t}), args.target_kind, t)
-            for t in args.targets for label, (method, extra) in BUDGET_METHODS.items()]
-    jobs += [(method, method, {"target_latency": t}, "latency", t)
+    jobs = [(label, method, dict(extra, **{f"target_{args.target_kind}": t}), args.target_kind, t, large)
+            for t in args.targets for label, (method, extra, large) in BUDGET_METHODS.items()]
+    jobs += [(method, method, {"target_latency": t}, "latency", t, False)
              for t in args.latency_targets for method in LATENCY_METHODS]
-    for label, method, options, kind, target in jobs:
+    for label, method, options, kind, target, large in jobs:
         start = time.perf_counter()
         try:
-            model, report = ted.prune(copy.deepcopy(base), batches, example, method=method,
+            model, report = ted.prune(copy.deepcopy(base), batches, examples[large], method=method,
                                       progress=False, **options)
             variants.append(Variant(label, kind, target, model, report.params_fraction, report.flops_fraction,
                                     forms_text(report)))
@@ -130,7 +135,7 @@ def pruned_variants(args, name: str) -> List[Variant]:
         except Exception as exc:   # the table records failures
             status = error_text(exc)
             variants.append(Variant(label, kind, target, None, error=status))
-        print(f"{name:<24}{label:<23}{kind:<8}{target:<6}{time.perf_counter() - start:7.1f} s  {status}",
+        print(f"{name:<24}{label:<26}{kind:<8}{target:<6}{time.perf_counter() - start:7.1f} s  {status}",
               flush=True)
     return variants
 
@@ -180,6 +185,7 @@ def checks(results: dict, args) -> str:
     head = (["model", f"target {args.target_kind}"]
             + [f"ED / OBD {c} (≤ {SAME_COST_BOUND})" for c in cols]
             + [f"ED lat-forms / OBD {c}" for c in cols[:2]]
+            + [f"ED lat-forms-b{args.batch} / OBD {cols[1]}"]
             + [f"ED latency − FLOPs {c}" for c in cols[:2]])
     rows = []
     for name, variants in results.items():
@@ -187,12 +193,14 @@ def checks(results: dict, args) -> str:
         for target in args.targets:
             found = {v.label: v for v in variants if v.kind == args.target_kind and v.target == target}
             ed, ed_lat, obd = found["eigendamage"], found["eigendamage/lat-forms"], found["kron_obd"]
+            ed_lat_large = found["eigendamage/lat-forms-bN"]
             gap_is_target = (args.target_kind == "flops" and name in FLOPS_GAP_TARGET["models"]
                              and target == FLOPS_GAP_TARGET["target"])
             gap_bound = FLOPS_GAP_TARGET["bound"] if gap_is_target else None
             rows.append([name, f"{target}"]
                         + [checked(_ratio(ed, obd, c), SAME_COST_BOUND, 3) for c in COLUMNS]
                         + [checked(_ratio(ed_lat, obd, c), None, 3) for c in COLUMNS[:2]]
+                        + [checked(_ratio(ed_lat_large, obd, COLUMNS[1]), None, 3)]
                         + [checked(_ratio(ed, base, c) - ed.flops, gap_bound, 3) for c in COLUMNS[:2]])
     return markdown_table(head, rows)
 
