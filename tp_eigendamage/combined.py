@@ -85,6 +85,6 @@ class CombinedImportance(tp.importance.Importance):
             scores = self._norm(scores.reshape(-1))
             if total is not None and scores.shape != total.shape:
                 raise InvalidArgumentError(f"{type(imp).__name__} returned {scores.numel()} scores for a "
-                                 f"group where another criterion returned {total.numel()}")
+                                           f"group where another criterion returned {total.numel()}")
             total = weight * scores if total is None else total + weight * scores.to(total.device)
         return total
