@@ -4,6 +4,9 @@
   :func:`random_batches`, :func:`example_input`;
 * measuring: :func:`synchronize`, :class:`PeakMemory`, :func:`run_child` (one measurement in a
   fresh process, with glibc returning freed memory so that resident memory follows live tensors);
+* trained models: :func:`digits_data` (the scikit-learn digits, statistics subset and held-out
+  split), :func:`digits_model` (a timm model trained on them once, cached under
+  ``benchmarks/.cache/``);
 * printing: :func:`markdown_table`, :func:`checked` (a number against a target bound),
   :func:`error_text`.
 """
@@ -13,13 +16,15 @@ import json
 import os
 import subprocess
 import sys
-from typing import List, Optional, Sequence, Tuple
+import time
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
 NUM_CLASSES = 10
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 
 def create_model(name: str, size: int, device="cpu", seed: int = 0, **options) -> nn.Module:
@@ -41,6 +46,58 @@ def random_batches(count: int, batch: int, size: int, device="cpu",
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, size, size, generator=g).to(device),
              torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)) for _ in range(count)]
+
+
+class DigitsData(NamedTuple):
+    """The digits at one image size: datasets, a fixed statistics subset and the held-out split."""
+
+    train_set: object
+    test_set: object
+    stat: Tuple[torch.Tensor, torch.Tensor]       # ``stat_examples`` training images, labels
+    held_out: Tuple[torch.Tensor, torch.Tensor]   # the whole test split
+    batches: List[Tuple[torch.Tensor, torch.Tensor]]   # ``stat`` in batches of ``batch_size``
+
+
+def digits_data(stat_examples: int, size: int = 32, batch_size: int = 64) -> DigitsData:
+    """scikit-learn's digits at ``size``×``size`` (3 channels; :func:`tp_eigendamage.data.digits_datasets`)
+    with a fixed random subset of ``stat_examples`` training images for the statistics."""
+    from tp_eigendamage.data import digits_datasets
+
+    train_set, test_set = digits_datasets(size, 3, seed=0)
+    stack = lambda ds: (torch.stack([ds[i][0] for i in range(len(ds))]),  # noqa: E731
+                        torch.tensor([int(ds[i][1]) for i in range(len(ds))]))
+    (x, y), held_out = stack(train_set), stack(test_set)
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:stat_examples]
+    stat = (x[pick], y[pick])
+    batches = [(stat[0][i:i + batch_size], stat[1][i:i + batch_size]) for i in range(0, len(pick), batch_size)]
+    return DigitsData(train_set, test_set, stat, held_out, batches)
+
+
+def digits_model(key: str, arch: str, data: DigitsData, *, epochs: int, lr: float,
+                 weight_decay: float, size: int = 32, **options) -> nn.Module:
+    """timm ``arch`` (``options`` to its constructor) trained on ``data`` (SGD with momentum,
+    cosine schedule, batches of 64, seed 0; :func:`tp_eigendamage.training.train`), in eval
+    mode. Trained once: the weights are cached under ``benchmarks/.cache/`` by ``key``, the
+    recipe and (other than 32) the image size."""
+    from tp_eigendamage.data import make_loaders
+    from tp_eigendamage.training import evaluate, train
+
+    suffix = "" if size == 32 else f"-{size}px"
+    path = os.path.join(CACHE, f"{key}-e{epochs}-lr{lr}-wd{weight_decay}{suffix}.pt")
+    torch.manual_seed(0)
+    fixed = timm.models.get_pretrained_cfg(arch).fixed_input_size
+    model = timm.create_model(arch, num_classes=NUM_CLASSES, **(dict(img_size=size, **options) if fixed else options))
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval()
+    train_loader, test_loader = make_loaders(data.train_set, data.test_set, batch_size=64, seed=0)
+    start = time.time()
+    train(model, train_loader, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=0, progress=False)
+    result = evaluate(model, test_loader)
+    print(f"  trained {key} in {time.time() - start:.0f} s: test accuracy {result['accuracy']:.3f}", flush=True)
+    os.makedirs(CACHE, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
 
 
 def example_input(size: int, device="cpu", batch: int = 1) -> torch.Tensor:

@@ -66,12 +66,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,10 +77,8 @@ import torch_pruning as tp
 from scipy.stats import spearmanr
 
 import tp_eigendamage as ted
-from tp_eigendamage.data import digits_datasets, make_loaders
-from tp_eigendamage.training import evaluate, train
+from _common import digits_data, digits_model
 
-CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 MODELS = {
     "resnet18-wd": dict(arch="resnet18", epochs=10, lr=0.05, weight_decay=1e-4),
     "resnet18-nowd": dict(arch="resnet18", epochs=10, lr=0.05, weight_decay=0.0),
@@ -95,34 +91,9 @@ STEP = 1e-3  # central-difference step of --exact
 
 
 # -- models and data -----------------------------------------------------------------------------
-def digits(stat_examples: int):
-    train_set, test_set = digits_datasets(32, 3, seed=0)
-    stack = lambda ds: (torch.stack([ds[i][0] for i in range(len(ds))]),  # noqa: E731
-                        torch.tensor([int(ds[i][1]) for i in range(len(ds))]))
-    (x, y), held_out = stack(train_set), stack(test_set)
-    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:stat_examples]
-    stat = (x[pick], y[pick])
-    batches = [(stat[0][i:i + 64], stat[1][i:i + 64]) for i in range(0, len(pick), 64)]
-    return train_set, test_set, stat, held_out, batches
-
-
-def trained_model(key: str, train_set, test_set) -> nn.Module:
-    recipe = MODELS[key]
-    path = os.path.join(CACHE, f"{key}-e{recipe['epochs']}-lr{recipe['lr']}-wd{recipe['weight_decay']}.pt")
-    torch.manual_seed(0)
-    model = timm.create_model(recipe["arch"], num_classes=10)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path))
-        return model.eval()
-    train_loader, test_loader = make_loaders(train_set, test_set, batch_size=64, seed=0)
-    start = time.time()
-    train(model, train_loader, epochs=recipe["epochs"], lr=recipe["lr"],
-          weight_decay=recipe["weight_decay"], seed=0, progress=False)
-    result = evaluate(model, test_loader)
-    print(f"  trained {key} in {time.time() - start:.0f} s: test accuracy {result['accuracy']:.3f}")
-    os.makedirs(CACHE, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+def trained_model(key: str, data) -> nn.Module:
+    recipe = dict(MODELS[key])
+    return digits_model(key, recipe.pop("arch"), data, **recipe)
 
 
 # -- measurement: float64 loss after a weight change, recomputed from the first stage touched -----
@@ -282,8 +253,9 @@ def factor_variant_scores(factors, patch_factors, weight, q, lam) -> Dict[str, f
 
 def shrink_probe(key: str, layers: List[str], args) -> None:
     """The ``--shrink`` table of the module docstring."""
-    train_set, test_set, stat, _, batches = digits(args.stat_examples)
-    model = trained_model(key, train_set, test_set)
+    data = digits_data(args.stat_examples)
+    stat, batches = data.stat, data.batches
+    model = trained_model(key, data)
     meter = LossMeter(model, {"stat": stat})
     torch.manual_seed(args.seed)
     stats = ted.collect_kfac(model, batches, progress=False)
@@ -323,8 +295,9 @@ def sample(candidates: torch.Tensor, k: int, seed: int) -> List[int]:
 
 
 def run_model(key: str, args) -> Dict[str, list]:
-    train_set, test_set, stat, held_out, batches = digits(args.stat_examples)
-    model = trained_model(key, train_set, test_set)
+    data = digits_data(args.stat_examples)
+    stat, held_out, batches = data.stat, data.held_out, data.batches
+    model = trained_model(key, data)
     classifier = next(n for n, m in model.named_modules() if m is model.get_classifier())
     example = stat[0][:1]
     meter = LossMeter(model, {"stat": stat, "held-out": held_out})

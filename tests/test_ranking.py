@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 import tp_eigendamage as ted
-from tp_eigendamage import PruneArgumentError, TargetUnreachableError
+from tp_eigendamage import PruneArgumentError
 from tp_eigendamage._round import channel_costs
 from tp_eigendamage._tp import layer_costs
 from tp_eigendamage.prune import default_ranking
