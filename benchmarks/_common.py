@@ -84,9 +84,7 @@ def digits_model(key: str, arch: str, data: DigitsData, *, epochs: int, lr: floa
 
     suffix = "" if size == 32 else f"-{size}px"
     path = os.path.join(CACHE, f"{key}-e{epochs}-lr{lr}-wd{weight_decay}{suffix}.pt")
-    torch.manual_seed(0)
-    fixed = timm.models.get_pretrained_cfg(arch).fixed_input_size
-    model = timm.create_model(arch, num_classes=NUM_CLASSES, **(dict(img_size=size, **options) if fixed else options))
+    model = create_model(arch, size, **options)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
         return model.eval()
