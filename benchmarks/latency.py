@@ -66,12 +66,12 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import tp_eigendamage as ted
 from _common import (checked, create_model, digits_data, digits_model, error_text, example_input, markdown_table,
                      random_batches)
 from tp_eigendamage.latency import latency_clock
+from tp_eigendamage.training import evaluate
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100", "vit_tiny_patch16_224"]
 #: label → (method, extra prune() options, example_inputs at the larger --batch), pruned at
@@ -146,12 +146,12 @@ def workload(name: str, args):
 
 
 def quality(model: nn.Module, data, device) -> Dict[str, float]:
-    """Mean cross entropy on the statistics examples and held-out accuracy (eval mode)."""
-    model.eval()
+    """Mean cross entropy on the statistics examples and held-out accuracy
+    (:func:`tp_eigendamage.training.evaluate`)."""
+    held_out = list(zip(*(t.split(64) for t in data.held_out)))
     with torch.no_grad():
-        loss = F.cross_entropy(model(data.stat[0].to(device)), data.stat[1].to(device)).item()
-        predicted = model(data.held_out[0].to(device)).argmax(-1).cpu()
-    return {"loss": loss, "accuracy": (predicted == data.held_out[1]).float().mean().item()}
+        return {"loss": evaluate(model, data.batches, device)["loss"],
+                "accuracy": evaluate(model, held_out, device)["accuracy"]}
 
 
 def forms_text(report) -> str:
